@@ -1,0 +1,317 @@
+"""The video DiT and flow matching: the slow generator of FlashMotion.
+
+A clip x (B, T, C, H, W) in [-1, 1] is cut into spatio-temporal patches, run
+through adaLN-Zero transformer blocks with full spatio-temporal attention and
+3D rotary positions, and turned back into a velocity of the same shape.
+
+Flow matching (rectified flow): x_t = (1 - t) x_0 + t * noise, t = 1 is pure
+noise, and the network predicts the velocity v = noise - x_0. Sampling
+integrates dx/dt = v from t = 1 to t = 0 with Euler steps.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from attention import flash_attention
+import data
+
+
+@dataclass
+class DiTConfig:
+    frames: int = 16
+    size: int = 32
+    channels: int = 3
+    patch_t: int = 2
+    patch_hw: int = 4
+    dim: int = 96
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+
+
+# Model sizes by config name; the video shape comes from data.CONFIGS.
+MODEL_CONFIGS = {
+    "micro": dict(patch_t=2, patch_hw=4, dim=32, depth=2, heads=2),
+    "tiny": dict(patch_t=2, patch_hw=4, dim=96, depth=6, heads=3),
+    "small": dict(patch_t=2, patch_hw=4, dim=384, depth=12, heads=6),
+}
+
+
+def config_for(name):
+    return DiTConfig(**data.CONFIGS[name], **MODEL_CONFIGS[name])
+
+
+# ----------------------------------------------------------------- layers ---
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def rope_3d(grid, head_dim, theta=100.0):
+    """Factorised 3D rotary embedding: the head dim is split between time, rows
+    and columns, each rotated by its own coordinate. Returns cos, sin of shape
+    (N, head_dim/2). theta is small because our grids are small (8x8x8 at
+    tiny): with 10000 most frequencies would barely turn over the grid."""
+    d_hw = 2 * (head_dim // 6)
+    dims = (head_dim - 2 * d_hw, d_hw, d_hw)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in grid],
+                                        indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
+    angles = []
+    for axis, d in enumerate(dims):
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles.append(coords[:, axis, None] * freqs[None])
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs of x (B, H, N, D) by the angles in cos/sin (N, D/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        # qk-norm keeps attention logits bounded: stable training at high lr.
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+
+    def forward(self, x, rope):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        out = flash_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, H, N, D)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the timestep embedding sets a shift,
+    scale and gate for each half; gates start at zero so every block starts as
+    the identity (DiT, Peebles & Xie)."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(c).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]  # t in [0, 1] -> DDPM-like 0..1000
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+# ------------------------------------------------------------------ model ---
+
+class VideoDiT(nn.Module):
+    """Image-to-video DiT. The clean first frame conditions the clip by channel
+    concatenation: it is repeated over time next to the noisy video, plus one
+    channel saying whether it is present (0 when dropped for classifier-free
+    guidance; a zero image alone would be ambiguous, since mid-grey is 0). The
+    repetition gives every token its own pixels of the first frame, so the
+    static background is a local copy and attention is free for the motion.
+
+    Hooks for the adapters and the discriminator (all optional):
+      token_residual   (B, N, dim) added to the patch tokens before block 0;
+      block_residuals  list of (B, N, dim) or None, one per block, added to
+                       the hidden states after that block (ControlNet);
+      return_features  also return the hidden states after every block.
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        pt, p = cfg.patch_t, cfg.patch_hw
+        if cfg.frames % pt or cfg.size % p:
+            raise ValueError(f"frames {cfg.frames} and size {cfg.size} must divide by the patch {pt}x{p}x{p}")
+        self.grid = (cfg.frames // pt, cfg.size // p, cfg.size // p)
+        patch_dim = pt * p * p
+        self.patch_embed = nn.Linear((2 * cfg.channels + 1) * patch_dim, cfg.dim)
+        self.time_embed = TimestepEmbedder(cfg.dim)
+        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+        self.final_linear = nn.Linear(cfg.dim, cfg.channels * patch_dim)
+        cos, sin = rope_3d(self.grid, cfg.dim // cfg.heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: each block starts as the identity
+            nn.init.zeros_(block.ada_ln[-1].weight)
+            nn.init.zeros_(block.ada_ln[-1].bias)
+        for layer in (self.final_ada_ln[-1], self.final_linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, x):
+        """(B, T, C, H, W) -> (B, N, pt*p*p*C) tokens in (t, h, w) order."""
+        p = self.cfg.patch_hw
+        return rearrange(x, "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)",
+                         pt=self.cfg.patch_t, ph=p, pw=p)
+
+    def unpatchify(self, tokens):
+        """(B, N, pt*p*p*C) -> (B, T, C, H, W)."""
+        t, h, w = self.grid
+        p = self.cfg.patch_hw
+        return rearrange(tokens, "b (t h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",
+                         t=t, h=h, w=w, pt=self.cfg.patch_t, ph=p, pw=p)
+
+    def condition_channels(self, x_t, first_frame, keep):
+        """The noisy video with the first frame and its presence flag stacked
+        on the channels: (B, T, 2C+1, H, W). keep (B,) is 1 where the first
+        frame is given, 0 where it is dropped; first_frame None drops all."""
+        B, T = x_t.shape[:2]
+        if first_frame is None:
+            first_frame, keep = torch.zeros_like(x_t[:, 0]), torch.zeros(B, device=x_t.device)
+        elif keep is None:
+            keep = torch.ones(B, device=x_t.device)
+        keep = keep.to(x_t.dtype)[:, None, None, None]
+        frame = repeat(first_frame * keep, "b c h w -> b t c h w", t=T)
+        flag = repeat(keep.expand(B, 1, *x_t.shape[-2:]), "b one h w -> b t one h w", t=T)
+        return torch.cat([x_t, frame, flag], dim=2)
+
+    def forward(self, x_t, t, first_frame, keep=None, token_residual=None, block_residuals=None,
+                return_features=False):
+        """x_t (B, T, C, H, W), t (B,) in [0, 1], first_frame (B, C, H, W) or None.
+        Returns the velocity (B, T, C, H, W) [and the per-block features]."""
+        x = self.patch_embed(self.patchify(self.condition_channels(x_t, first_frame, keep)))  # (B, N, dim)
+        if token_residual is not None:
+            x = x + token_residual
+        c = self.time_embed(t)
+        rope = (self.rope_cos, self.rope_sin)
+        features = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, rope)
+            if block_residuals is not None and block_residuals[i] is not None:
+                x = x + block_residuals[i]
+            if return_features:
+                features.append(x)
+        shift, scale = self.final_ada_ln(c).chunk(2, dim=-1)
+        velocity = self.unpatchify(self.final_linear(modulate(self.final_norm(x), shift, scale)))
+        return (velocity, features) if return_features else velocity
+
+
+def build_model(name_or_cfg):
+    cfg = config_for(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    return VideoDiT(cfg)
+
+
+def model_from_checkpoint(ckpt, use_ema=True):
+    """Rebuild a VideoDiT from a checkpoint dict (see train.py)."""
+    model = VideoDiT(DiTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model
+
+
+def config_dict(model):
+    return asdict(model.cfg)
+
+
+# --------------------------------------------------------- flow matching ----
+
+def shift_time(t, shift):
+    """Timestep shift (SD3): shift > 1 moves time towards the noisy end, where
+    a few-step sampler needs its steps most."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_training_time(batch, generator=None, device="cpu", shift=1.0):
+    """Logit-normal t (SD3): concentrates training on the middle noise levels."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return shift_time(t, shift)
+
+
+def add_noise(x0, noise, t):
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def clean_estimate(x_t, velocity, t):
+    """x_0 implied by a velocity prediction: x_0 = x_t - t v."""
+    return x_t - t.view(-1, *([1] * (x_t.dim() - 1))) * velocity
+
+
+def flow_matching_loss(model, video, first_frame, generator=None, cond_drop_prob=0.0,
+                       t=None, noise=None, **hooks):
+    """MSE between predicted and true velocity. The first frame is dropped for
+    a fraction of samples so the same network also gives the unconditional
+    prediction that classifier-free guidance needs."""
+    B = video.shape[0]
+    if t is None:
+        t = sample_training_time(B, generator, video.device)
+    if noise is None:
+        noise = torch.randn(video.shape, generator=generator, device=video.device)
+    keep = (torch.rand(B, generator=generator, device=video.device) >= cond_drop_prob).float()
+    x_t = add_noise(video, noise, t)
+    velocity = model(x_t, t, first_frame, keep=keep, **hooks)
+    return F.mse_loss(velocity.float(), (noise - video).float())
+
+
+def sampling_times(steps, shift=1.0, device="cpu"):
+    """steps + 1 times from 1 (noise) to 0 (data), shifted."""
+    return shift_time(torch.linspace(1, 0, steps + 1, device=device), shift)
+
+
+def guided_velocity(model, first_frame, cfg_scale, **hooks):
+    """Velocity function with classifier-free guidance on the first frame, in
+    the `uncond + w (cond - uncond)` convention: w = 1 is no guidance (and
+    costs one network call instead of two)."""
+    def velocity(x, t):
+        v_cond = model(x, t, first_frame, **hooks)
+        if cfg_scale == 1.0:
+            return v_cond
+        v_uncond = model(x, t, None, **hooks)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return velocity
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, noise, times):
+    """Integrate from times[0] (noise) to times[-1] with Euler steps."""
+    x = noise
+    for t, t_next in zip(times[:-1], times[1:]):
+        x = x + (t_next - t) * velocity_fn(x, t.expand(x.shape[0]))
+    return x
+
+
+@torch.no_grad()
+def generate(model, first_frame, steps=50, shift=1.0, cfg_scale=1.0, generator=None, **hooks):
+    """A clip from a first frame (B, C, H, W): (B, T, C, H, W) in [-1, 1]."""
+    cfg = model.cfg
+    B = first_frame.shape[0]
+    noise = torch.randn((B, cfg.frames, cfg.channels, cfg.size, cfg.size), generator=generator,
+                        device=first_frame.device)
+    times = sampling_times(steps, shift, first_frame.device)
+    return euler_sample(guided_velocity(model, first_frame, cfg_scale, **hooks), noise, times).clamp(-1, 1)
