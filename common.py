@@ -11,15 +11,11 @@ import torch.distributed as dist
 
 
 class UserError(SystemExit):
-    """A mistake in what the user gave us (flag, scene, path). Raising it prints
-    one line to stderr and exits with status 2: no traceback."""
+    """A mistake in what the user gave us (flag, scene, path). Uncaught, Python
+    prints the one-line message to stderr and exits with status 1: no traceback."""
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
-        self.code = 2
-
-    def __str__(self):
-        return str(self.args[0])
 
 
 # ---------------------------------------------------------------- config ----
@@ -52,7 +48,8 @@ def parse_value(key, text, default):
             return float(text)
         return text
     except ValueError:
-        raise UserError(f"--{key} must be a {kind.__name__}, got '{text}'") from None
+        expected = {int: "a whole number", float: "a number", bool: "true or false"}[kind]
+        raise UserError(f"--{key} must be {expected}, got '{text}'") from None
 
 
 # ----------------------------------------------------------- checkpoints ----

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+import model as M
+
+
+def random_final_layer(model):
+    """adaLN-Zero makes a fresh model output exactly zero; give the output
+    layers weights so that tests can see the inputs matter."""
+    torch.manual_seed(1)
+    for layer in (model.final_ada_ln[-1], model.final_linear):
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.ada_ln[-1].weight, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("name, tokens, params", [("tiny", 512, (0.8e6, 1.5e6)), ("small", 2048, (20e6, 40e6))])
+def test_shapes_for_each_config(name, tokens, params):
+    model = M.build_model(name)
+    cfg = model.cfg
+    x = torch.randn(1, cfg.frames, 3, cfg.size, cfg.size)
+    with torch.no_grad():
+        out, features = model(x, torch.tensor([0.5]), x[:, 0], return_features=True)
+    assert out.shape == x.shape
+    assert len(features) == cfg.depth and features[0].shape == (1, tokens, cfg.dim)
+    n = sum(p.numel() for p in model.parameters())
+    assert params[0] < n < params[1]
+
+
+def test_fresh_model_outputs_zero_adaln_zero():
+    model = M.build_model("micro")
+    x = torch.randn(2, 4, 3, 16, 16)
+    assert torch.equal(model(x, torch.rand(2), x[:, 0]), torch.zeros_like(x))
+
+
+def test_patchify_round_trip():
+    model = M.build_model("micro")
+    x = torch.randn(2, 4, 3, 16, 16)
+    tokens = model.patchify(x)
+    assert tokens.shape == (2, 2 * 4 * 4, 2 * 4 * 4 * 3)
+    assert torch.equal(model.unpatchify(tokens), x)
+    # a token holds one spatio-temporal patch: frames 0-1, rows 0-3, columns 4-7
+    assert torch.equal(tokens[0, 1].reshape(2, 4, 4, 3), x[0, 0:2, :, 0:4, 4:8].permute(0, 2, 3, 1))
+
+
+def test_rope_depends_only_on_relative_position():
+    cos, sin = M.rope_3d((6, 1, 1), head_dim=12)
+    q, k = torch.randn(12), torch.randn(12)
+    rot = lambda x, i: M.apply_rope(x.view(1, 1, 1, 12), cos[i:i + 1], sin[i:i + 1]).flatten()
+    torch.testing.assert_close(rot(q, 1) @ rot(k, 3), rot(q, 2) @ rot(k, 4))
+    torch.testing.assert_close(rot(q, 4).norm(), q.norm())
+    assert not torch.allclose(rot(q, 1) @ rot(k, 3), rot(q, 1) @ rot(k, 5))
+
+
+def test_hooks_change_the_output_where_they_should():
+    model = random_final_layer(M.build_model("micro"))
+    x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
+    base = model(x, t, x[:, 0])
+    zeros = [torch.zeros(2, 32, 32) for _ in model.blocks]
+    torch.testing.assert_close(model(x, t, x[:, 0], block_residuals=zeros, token_residual=zeros[0]), base)
+    bump = torch.randn(2, 32, 32)
+    assert not torch.allclose(model(x, t, x[:, 0], block_residuals=[None, bump]), base)
+    assert not torch.allclose(model(x, t, x[:, 0], token_residual=bump), base)
+
+
+def test_first_frame_and_its_dropout():
+    model = random_final_layer(M.build_model("micro"))
+    x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
+    frame = torch.randn(2, 3, 16, 16)
+    dropped = model(x, t, None)
+    torch.testing.assert_close(model(x, t, frame, keep=torch.zeros(2)), dropped)
+    assert not torch.allclose(model(x, t, frame), dropped)
+    mixed = model(x, t, frame, keep=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(mixed[1], dropped[1])
+    torch.testing.assert_close(mixed[0], model(x, t, frame)[0])
+
+
+def test_flow_matching_loss_halves_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = M.build_model("micro")
+    video = torch.rand(4, 4, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(video), torch.rand(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = M.flow_matching_loss(model, video, video[:, 0], t=t, noise=noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_euler_sampler_is_exact_on_a_straight_path():
+    # For x_t = (1 - t) x0 + t n the true velocity n - x0 = (x_t - x0) / t is
+    # constant along the path, so Euler lands exactly on x0 at any step count.
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+    velocity = lambda x, t: (x - x0) / t[:, None]
+    for steps, shift in [(1, 1.0), (4, 3.0), (50, 1.0)]:
+        out = M.euler_sample(velocity, noise, M.sampling_times(steps, shift))
+        torch.testing.assert_close(out, x0)
+
+
+def test_time_shift_and_schedule():
+    times = M.sampling_times(4, shift=3.0)
+    assert times[0] == 1 and times[-1] == 0 and torch.all(times[1:] < times[:-1])
+    assert times[2] > 0.5  # shift > 1 spends more of the steps at high noise
+    torch.testing.assert_close(M.clean_estimate(M.add_noise(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.3, 0.9])),
+                                                -torch.ones(2, 3), torch.tensor([0.3, 0.9])), torch.ones(2, 3))
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+    model = random_final_layer(M.build_model("micro"))
+    frame = torch.randn(1, 3, 16, 16)
+    a = M.generate(model, frame, steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    b = M.generate(model, frame, steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    c = M.generate(model, frame, steps=3, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (1, 4, 3, 16, 16) and torch.equal(a, b) and not torch.allclose(a, c)
