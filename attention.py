@@ -1,13 +1,49 @@
-"""Full (non-causal) attention for the video DiT.
+"""Flash attention in Triton, forward and backward (the FlashAttention-2
+algorithm, Dao 2023), with a PyTorch fallback behind the same interface.
 
-`flash_attention(q, k, v, scale=None)` is the one entry point the models call,
-with q, k, v of shape (B, H, N, D). The custom Triton kernel (FlashAttention-2,
-forward and backward) lands here with its own issue; until then every device
-uses PyTorch's scaled_dot_product_attention, behind this same interface, so
-model code never changes when the kernel arrives.
+    flash_attention(q, k, v, scale=None) -> o       # q, k, v, o: (B, H, N, D)
+
+Full (non-causal) attention, which is what a video DiT uses. Any N >= 1 (the
+last blocks are masked), D in {16, 32, 64, 128}, fp32 / fp16 / bf16, strided
+inputs. CUDA tensors go through the Triton kernels; on CPU the kernels run
+only under TRITON_INTERPRET=1 (that is how the tests check them), otherwise
+PyTorch's scaled_dot_product_attention answers.
+
+The algorithm, per (batch, head):
+  forward   for a block of queries, stream over blocks of keys/values keeping
+            a running max m, running sum l and an unnormalised output acc
+            (online softmax); never materialise the N x N matrix. Save
+            lse = m + log(l) per query for the backward.
+  backward  preprocess: delta_i = sum_d dO_id * O_id  (= rowsum(P * dP)).
+            dK, dV: for a block of keys, stream over query blocks, rebuilding
+            P = exp(S - lse) from the saved lse: dV += P^T dO,
+            dS = P * (dO V^T - delta), dK += dS^T Q.
+            dQ: for a block of queries, stream over key blocks: dQ += dS K.
+Two backward kernels instead of one with atomics: deterministic and simpler.
+
+`python attention.py` checks the kernels against PyTorch and, on a GPU, times
+them against every SDPA backend.
 """
 
+import os
+
+import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # no triton (e.g. macOS): the PyTorch path serves everything
+    HAS_TRITON = False
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the fast instruction
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def flash_attention(q, k, v, scale=None):
@@ -15,4 +51,275 @@ def flash_attention(q, k, v, scale=None):
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"q, k, v must share a (B, H, N, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if use_triton(q):
+        return triton_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def use_triton(q):
+    if not HAS_TRITON or q.shape[-1] not in HEAD_DIMS or q.dtype not in DTYPES or q.shape[2] == 0:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and interpreting())
+
+
+def triton_attention(q, k, v, scale=None):
+    """The Triton path, always (no fallback): for tests and benchmarks."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return FlashAttention.apply(q, k, v, scale)
+
+
+if HAS_TRITON:
+    # Autotuning over tile sizes, warps and pipeline stages on the GPU, keyed on
+    # (N, D). The interpreter gets one small tile: it is slow and has no warps.
+    def tile_configs(bwd=False):
+        if interpreting():
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        sizes = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
+        if bwd:
+            sizes = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4), (64, 32, 4, 3)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sizes]
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        if PRECISION == "upcast":  # see precision_of
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.autotune(configs=tile_configs(), key=["N", "HEAD_DIM"])
+    @triton.jit
+    def _forward_kernel(Q, K, V, O, LSE, qk_scale,
+                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                        H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: BLOCK_M queries of one (batch, head).
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=offs_m[:, None] < N, other=0.0)
+
+        # Online softmax state, in base 2 (qk_scale includes log2 e).
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            k_t = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] < N, other=0.0)
+            s = _dot(q, k_t, PRECISION) * qk_scale        # (BLOCK_M, BLOCK_N)
+            s = tl.where(cols[None, :] < N, s, float("-inf"))              # masked tail keys
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)                                   # rescales the old state
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=cols[:, None] < N, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+            m_i = m_new
+
+        # Normalise once at the end; keep lse (base 2) for the backward.
+        acc = acc / l_i[:, None]
+        tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
+        O += b * sob + h * soh
+        tl.store(O + offs_m[:, None] * son + offs_d[None, :] * sod, acc.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < N)
+
+    @triton.jit
+    def _backward_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod,
+                             H, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        # delta_i = sum_d dO_id * O_id, one value per query.
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask = offs_m[:, None] < N
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
+                     mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+
+    @triton.autotune(configs=tile_configs(bwd=True), key=["N", "HEAD_DIM"])
+    @triton.jit
+    def _backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
+                              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                              sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: BLOCK_N keys/values of one (batch, head), all queries.
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        Q += b * sqb + h * sqh
+        DO += b * sdob + h * sdoh
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=offs_n[:, None] < N, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=offs_n[:, None] < N, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            rows = start_m + offs_m
+            q_t = tl.load(Q + rows[None, :] * sqn + offs_d[:, None] * sqd, mask=rows[None, :] < N, other=0.0)
+            do = tl.load(DO + rows[:, None] * sdon + offs_d[None, :] * sdod, mask=rows[:, None] < N, other=0.0)
+            lse = tl.load(LSE + pid_bh * N + rows, mask=rows < N, other=float("inf"))  # padded rows: P = 0
+            delta = tl.load(DELTA + pid_bh * N + rows, mask=rows < N, other=0.0)
+            # P^T rebuilt from the saved lse: (BLOCK_N, BLOCK_M)
+            p_t = tl.exp2(_dot(k, q_t, PRECISION) * qk_scale - lse[None, :])
+            p_t = tl.where(offs_n[:, None] < N, p_t, 0.0)
+            dv += _dot(p_t.to(do.dtype), do, PRECISION)
+            dp_t = _dot(v, tl.trans(do), PRECISION)        # (dO V^T)^T
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), PRECISION)
+        grad_offsets = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
+        tl.store(DK + grad_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
+        tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
+
+    @triton.autotune(configs=tile_configs(bwd=True), key=["N", "HEAD_DIM"])
+    @triton.jit
+    def _backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
+                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                            sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: BLOCK_M queries of one (batch, head), all keys.
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=offs_m[:, None] < N, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
+                     mask=offs_m[:, None] < N, other=0.0)
+        lse = tl.load(LSE + pid_bh * N + offs_m, mask=offs_m < N, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=offs_m < N, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            k_t = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] < N, other=0.0)
+            v_t = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=cols[None, :] < N, other=0.0)
+            p = tl.exp2(_dot(q, k_t, PRECISION) * qk_scale - lse[:, None])
+            p = tl.where(cols[None, :] < N, p, 0.0)
+            ds = p * (_dot(do, v_t, PRECISION) - delta[:, None])
+            dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), PRECISION)
+        tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < N)
+
+
+def precision_of(dtype):
+    """fp32 inputs: exact fp32 dot products. TF32 (10-bit mantissa) is fine for
+    a forward pass but gives visibly wrong fp32 gradients (a known pitfall of
+    the tutorial kernels). fp16/bf16 use the tensor cores as they are, except
+    in Triton's CPU interpreter, whose tl.dot misreads bf16 operands (3.7.1):
+    there bf16 tiles are cast to fp32 first, which computes the same thing
+    (a bf16 x bf16 product is exact in fp32, and the GPU accumulates in fp32)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        B, H, N, D = q.shape
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        _forward_kernel[grid](q, k, v, o, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(),
+                              *o.stride(), H, N, HEAD_DIM=D, PRECISION=precision_of(q.dtype))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, N, D = q.shape
+        # Gradients are written contiguous, whatever the inputs' strides.
+        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        delta = torch.empty_like(lse)
+        block = 16 if interpreting() else 64
+        _backward_preprocess[(triton.cdiv(N, block), B * H)](o, do, delta, *o.stride(), *do.stride(),
+                                                             H, N, HEAD_DIM=D, BLOCK_M=block)
+        common = dict(H=H, N=N, HEAD_DIM=D, PRECISION=precision_of(q.dtype))
+        strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
+        _backward_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+            q, k, v, do, dk, dv, lse, delta, ctx.scale, ctx.scale * LOG2E, *strides, **common)
+        _backward_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta, ctx.scale, ctx.scale * LOG2E, *strides, **common)
+        return dq, dk, dv, None
+
+
+# ------------------------------------------------------------- benchmark ----
+
+def check(q, k, v):
+    """Max abs difference of output and gradients, kernel vs PyTorch SDPA."""
+    grad_out = torch.randn_like(q)
+    results = []
+    for fn in (triton_attention, F.scaled_dot_product_attention):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        results.append([out] + [x.grad for x in leaves])
+    return [(a.float() - b.float()).abs().max().item() for a, b in zip(*results)]
+
+
+def time_ms(fn, backward):
+    """Median ms of fn (and its backward) after warm-up, which also autotunes."""
+    from triton.testing import do_bench
+    if not backward:
+        return do_bench(fn, warmup=50, rep=200)
+    out = fn()
+    grad_out = torch.randn_like(out)
+    return do_bench(lambda: fn().backward(grad_out), warmup=50, rep=200)
+
+
+def benchmark():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    # (name, B, H, N, D): the model's shapes (tiny, small at batch 16) and long sequences.
+    shapes = [("tiny", 16, 3, 512, 32), ("small", 16, 6, 2048, 64),
+              ("long", 8, 6, 512, 64), ("long", 8, 6, 2048, 64), ("long", 8, 6, 8192, 64)]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16")
+    print("| shape | B×H×N×D | pass | ours ms | ours TFLOP/s | best SDPA | SDPA ms | speed vs best SDPA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, B, H, N, D in shapes:
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        errors = check(q, k, v)
+        if max(errors) > 0.1:
+            raise SystemExit(f"kernel disagrees with SDPA at {name}: max errors {errors}")
+        for backward in (False, True):
+            flops = 4 * B * H * N * N * D * (3.5 if backward else 1.0)  # bwd = 2.5x fwd
+            ours = time_ms(lambda: triton_attention(q, k, v), backward)
+            timings = {}
+            for backend_name, backend in backends.items():
+                try:
+                    with sdpa_kernel(backend):
+                        timings[backend_name] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v),
+                                                        backward)
+                except RuntimeError:  # backend not available for this shape/device
+                    pass
+            best = min(timings, key=timings.get)
+            print(f"| {name} | {B}×{H}×{N}×{D} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | "
+                  f"{flops / ours / 1e9:.1f} | {best} | {timings[best]:.3f} | {timings[best] / ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available() and HAS_TRITON:
+        benchmark()
+    elif HAS_TRITON and interpreting():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 3, 45, 32) for _ in range(3))
+        names = ("out", "dq", "dk", "dv")
+        print("interpreter check vs SDPA (fp32, 2x3x45x32): " +
+              ", ".join(f"{n} {e:.1e}" for n, e in zip(names, check(q, k, v))))
+        print("timing needs a CUDA GPU")
+    else:
+        print("no CUDA GPU: nothing to time. `TRITON_INTERPRET=1 python attention.py` checks the kernels on CPU.")

@@ -241,14 +241,21 @@ def config_dict(model):
 
 # --------------------------------------------------------- flow matching ----
 
+# Timestep shift used in training and sampling alike. Plain logit-normal t
+# almost never visits t > 0.95 (0.2% of samples), yet every sample starts at
+# t = 1: measured at step 1000 of the tiny run, the model was worse there than
+# just copying the first frame. Shifting by 3 gives that region ~3%.
+TIME_SHIFT = 3.0
+
+
 def shift_time(t, shift):
     """Timestep shift (SD3): shift > 1 moves time towards the noisy end, where
     a few-step sampler needs its steps most."""
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_training_time(batch, generator=None, device="cpu", shift=1.0):
-    """Logit-normal t (SD3): concentrates training on the middle noise levels."""
+def sample_training_time(batch, generator=None, device="cpu", shift=TIME_SHIFT):
+    """Shifted logit-normal t (SD3): most training at middle-to-high noise."""
     t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
     return shift_time(t, shift)
 
@@ -264,13 +271,13 @@ def clean_estimate(x_t, velocity, t):
 
 
 def flow_matching_loss(model, video, first_frame, generator=None, cond_drop_prob=0.0,
-                       t=None, noise=None, **hooks):
+                       t=None, noise=None, shift=TIME_SHIFT, **hooks):
     """MSE between predicted and true velocity. The first frame is dropped for
     a fraction of samples so the same network also gives the unconditional
     prediction that classifier-free guidance needs."""
     B = video.shape[0]
     if t is None:
-        t = sample_training_time(B, generator, video.device)
+        t = sample_training_time(B, generator, video.device, shift)
     if noise is None:
         noise = torch.randn(video.shape, generator=generator, device=video.device)
     keep = (torch.rand(B, generator=generator, device=video.device) >= cond_drop_prob).float()
@@ -279,7 +286,7 @@ def flow_matching_loss(model, video, first_frame, generator=None, cond_drop_prob
     return F.mse_loss(velocity.float(), (noise - video).float())
 
 
-def sampling_times(steps, shift=1.0, device="cpu"):
+def sampling_times(steps, shift=TIME_SHIFT, device="cpu"):
     """steps + 1 times from 1 (noise) to 0 (data), shifted."""
     return shift_time(torch.linspace(1, 0, steps + 1, device=device), shift)
 
@@ -307,7 +314,7 @@ def euler_sample(velocity_fn, noise, times):
 
 
 @torch.no_grad()
-def generate(model, first_frame, steps=50, shift=1.0, cfg_scale=1.0, generator=None, **hooks):
+def generate(model, first_frame, steps=50, shift=TIME_SHIFT, cfg_scale=1.0, generator=None, **hooks):
     """A clip from a first frame (B, C, H, W): (B, T, C, H, W) in [-1, 1]."""
     cfg = model.cfg
     B = first_frame.shape[0]

@@ -45,6 +45,7 @@ weight_decay = 0.01
 grad_clip = 1.0
 ema_decay = 0.999
 cond_drop_prob = 0.1     # first frame dropped this often, for classifier-free guidance
+time_shift = M.TIME_SHIFT  # timestep shift of training and sample GIFs (see model.py)
 ckpt_interval = 250
 sample_interval = 1000   # a GIF of held-out scenes every this many steps (0: never)
 sample_steps = 50
@@ -129,7 +130,7 @@ def write_samples():
     held_out = data.SpriteWorld(**shape, batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
     video = held_out["video"].to(device)
     with autocast(device):
-        generated = M.generate(ema_model, video[:, 0], steps=sample_steps, cfg_scale=sample_cfg,
+        generated = M.generate(ema_model, video[:, 0], steps=sample_steps, shift=time_shift, cfg_scale=sample_cfg,
                                generator=torch.Generator(device=device).manual_seed(0))
     rows = []
     for i in range(len(video)):
@@ -166,7 +167,8 @@ while step < end_step:
         # DDP all-reduces gradients only on the last micro-step.
         sync = contextlib.nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
         with sync, autocast(device):
-            loss = M.flow_matching_loss(train_model, video, video[:, 0], noise_gen, cond_drop_prob)
+            loss = M.flow_matching_loss(train_model, video, video[:, 0], noise_gen, cond_drop_prob,
+                                        shift=time_shift)
         (loss / grad_accum).backward()
         loss_sum += loss.item() / grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip).item()
