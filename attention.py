@@ -85,6 +85,18 @@ if HAS_TRITON:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b, input_precision=PRECISION)
 
+    @triton.jit
+    def _load_tile(ptr, rows, offs_d, stride_n, stride_d, N):
+        """The (len(rows), D) tile of an (N, D) matrix; rows past N read as zeros."""
+        return tl.load(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+                       mask=rows[:, None] < N, other=0.0)
+
+    @triton.jit
+    def _load_tile_t(ptr, rows, offs_d, stride_n, stride_d, N):
+        """The same tile transposed, (D, len(rows)), read directly in that layout."""
+        return tl.load(ptr + rows[None, :] * stride_n + offs_d[:, None] * stride_d,
+                       mask=rows[None, :] < N, other=0.0)
+
     @triton.autotune(configs=tile_configs(), key=["N", "HEAD_DIM"])
     @triton.jit
     def _forward_kernel(Q, K, V, O, LSE, qk_scale,
@@ -100,7 +112,7 @@ if HAS_TRITON:
         Q += b * sqb + h * sqh
         K += b * skb + h * skh
         V += b * svb + h * svh
-        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=offs_m[:, None] < N, other=0.0)
+        q = _load_tile(Q, offs_m, offs_d, sqn, sqd, N)
 
         # Online softmax state, in base 2 (qk_scale includes log2 e).
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -108,14 +120,14 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(0, N, BLOCK_N):
             cols = start_n + offs_n
-            k_t = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] < N, other=0.0)
+            k_t = _load_tile_t(K, cols, offs_d, skn, skd, N)
             s = _dot(q, k_t, PRECISION) * qk_scale        # (BLOCK_M, BLOCK_N)
             s = tl.where(cols[None, :] < N, s, float("-inf"))              # masked tail keys
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)                                   # rescales the old state
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=cols[:, None] < N, other=0.0)
+            v = _load_tile(V, cols, offs_d, svn, svd, N)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
             m_i = m_new
 
@@ -134,10 +146,8 @@ if HAS_TRITON:
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        mask = offs_m[:, None] < N
-        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-                     mask=mask, other=0.0)
+        o = _load_tile(O + b * sob + h * soh, offs_m, offs_d, son, sod, N)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
@@ -145,8 +155,8 @@ if HAS_TRITON:
     @triton.jit
     def _backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
                               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                              sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
+                              HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_N keys/values of one (batch, head), all queries.
         pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
@@ -155,16 +165,14 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         Q += b * sqb + h * sqh
         DO += b * sdob + h * sdoh
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=offs_n[:, None] < N, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=offs_n[:, None] < N, other=0.0)
+        k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
+        v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for start_m in range(0, N, BLOCK_M):
             rows = start_m + offs_m
-            q_t = tl.load(Q + rows[None, :] * sqn + offs_d[:, None] * sqd, mask=rows[None, :] < N, other=0.0)
-            do = tl.load(DO + rows[:, None] * sdon + offs_d[None, :] * sdod, mask=rows[:, None] < N, other=0.0)
+            q_t = _load_tile_t(Q, rows, offs_d, sqn, sqd, N)
+            do = _load_tile(DO, rows, offs_d, sdon, sdod, N)
             lse = tl.load(LSE + pid_bh * N + rows, mask=rows < N, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(DELTA + pid_bh * N + rows, mask=rows < N, other=0.0)
             # P^T rebuilt from the saved lse: (BLOCK_N, BLOCK_M)
@@ -182,8 +190,8 @@ if HAS_TRITON:
     @triton.jit
     def _backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
                             sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                            sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
+                            HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_M queries of one (batch, head), all keys.
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
@@ -192,17 +200,15 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         K += b * skb + h * skh
         V += b * svb + h * svh
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=offs_m[:, None] < N, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-                     mask=offs_m[:, None] < N, other=0.0)
+        q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, N)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, N)
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=offs_m < N, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=offs_m < N, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(0, N, BLOCK_N):
             cols = start_n + offs_n
-            k_t = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=cols[None, :] < N, other=0.0)
-            v_t = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=cols[None, :] < N, other=0.0)
+            k_t = _load_tile_t(K, cols, offs_d, skn, skd, N)
+            v_t = _load_tile_t(V, cols, offs_d, svn, svd, N)
             p = tl.exp2(_dot(q, k_t, PRECISION) * qk_scale - lse[:, None])
             p = tl.where(cols[None, :] < N, p, 0.0)
             ds = p * (_dot(do, v_t, PRECISION) - delta[:, None])
