@@ -503,7 +503,7 @@ def parse_object(obj, where, size, frames, err):
             err(f"'{where}.path[{i}]': point {p} is outside the {size}x{size} frame")
         else:
             points.append(p)
-    if len(points) != len(path) or frames is None or err is None:
+    if len(points) != len(path) or frames is None:
         return None
     points = np.asarray(points, dtype=np.float64)
     if len(points) != frames:  # key points: constant speed along the polyline

@@ -130,8 +130,8 @@ def write_samples():
     held_out = data.SpriteWorld(**shape, batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
     video = held_out["video"].to(device)
     with autocast(device):
-        generated = M.generate(ema_model, video[:, 0], steps=sample_steps, shift=time_shift, cfg_scale=sample_cfg,
-                               generator=torch.Generator(device=device).manual_seed(0))
+        generated = M.generate(ema_model, video[:, 0], steps=sample_steps, shift=time_shift,
+                               cfg_scale=sample_cfg, generator=torch.Generator(device=device).manual_seed(0))
     rows = []
     for i in range(len(video)):
         boxes = held_out["boxes"][i, :int(held_out["n_objects"][i])].numpy()

@@ -18,17 +18,13 @@ def train(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def weights(path):
-    return torch.load(path, weights_only=True)
-
-
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert train("--max_steps=6", f"--out_dir={straight}").returncode == 0
     first = train("--max_steps=6", "--stop_at=3", f"--out_dir={interrupted}")
-    assert first.returncode == 0 and weights(interrupted / "ckpt.pt")["step"] == 3
+    assert first.returncode == 0 and common.load_checkpoint(interrupted / "ckpt.pt")["step"] == 3
     assert train("--max_steps=6", "--resume=true", f"--out_dir={interrupted}").returncode == 0
-    a, b = weights(straight / "ckpt.pt"), weights(interrupted / "ckpt.pt")
+    a, b = common.load_checkpoint(straight / "ckpt.pt"), common.load_checkpoint(interrupted / "ckpt.pt")
     assert a["step"] == b["step"] == 6 and a["run_id"] != b["run_id"]
     for part in ("model", "ema"):
         for key in a[part]:
@@ -62,7 +58,7 @@ def test_two_process_ddp_step_keeps_ranks_in_sync(tmp_path):
                              f"--out_dir={tmp_path}"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s)" in result.stdout
-    ckpt = weights(tmp_path / "ckpt.pt")
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 2 and ckpt["train_config"]["batch_size"] == 2
 
 
@@ -99,7 +95,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     common.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
     with pytest.raises(Exception):
         common.save_checkpoint(path, {"step": 2, "bad": lambda: None})  # fails while pickling
-    assert weights(path)["step"] == 1
+    assert common.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 
 
