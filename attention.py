@@ -104,6 +104,7 @@ if HAS_TRITON:
                         H, N, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_M queries of one (batch, head).
+        qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,6 +159,7 @@ if HAS_TRITON:
                               sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
                               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_N keys/values of one (batch, head), all queries.
+        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
         pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,6 +195,7 @@ if HAS_TRITON:
                             sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
                             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_M queries of one (batch, head), all keys.
+        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -2,10 +2,12 @@
 devices, DDP, EMA and the learning-rate schedule. Kept short on purpose."""
 
 import contextlib
+import json
 import math
 import os
 import tempfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -33,6 +35,13 @@ def apply_overrides(config, argv):
             raise UserError(f"unknown option --{key} (known: {known})")
         config[key] = parse_value(key, value, config[key])
     return config
+
+
+def script_settings(namespace, argv):
+    """The plain-valued globals of a training script (its config block),
+    overridden from the command line; the script does globals().update(...)."""
+    defaults = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    return apply_overrides(defaults, argv)
 
 
 def parse_value(key, text, default):
@@ -80,6 +89,28 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
     if kind is not None and ckpt.get("kind") != kind:
         raise UserError(f"{path} holds a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
     return ckpt
+
+
+def refuse_overwrite(ckpt_path, resume):
+    """A finished or running run is never overwritten by accident."""
+    if os.path.exists(ckpt_path) and not resume:
+        raise UserError(f"{ckpt_path} exists: pass --resume=true to continue it, or choose another --out_dir")
+
+
+def open_log(out_dir, step):
+    """log.jsonl of a run, without the lines past `step` (a resumed run redoes them)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    kept = [line for line in open(path)] if os.path.exists(path) else []
+    log = open(path, "w")
+    log.writelines(line for line in kept if json.loads(line)["step"] <= step)
+    log.flush()
+    return log
+
+
+def noise_seed(seed, rank, index):
+    """Seed of the noise, timesteps and dropout of micro-batch `index`, keyed
+    like its data: resuming needs no RNG state."""
+    return int(np.random.SeedSequence([seed, rank, index]).generate_state(1)[0])
 
 
 # ------------------------------------------------------------ devices/DDP ----

@@ -20,7 +20,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -28,8 +27,9 @@ from tqdm import tqdm
 
 import data
 import model as M
-from common import (UserError, apply_overrides, autocast, check_ranks_in_sync, cleanup_distributed,
-                    ema_update, load_checkpoint, lr_at, save_checkpoint, setup_distributed)
+from common import (UserError, autocast, check_ranks_in_sync, cleanup_distributed, ema_update, load_checkpoint,
+                    lr_at, noise_seed, open_log, refuse_overwrite, save_checkpoint, script_settings,
+                    setup_distributed)
 
 # ---------------------------------------------------------------- config ----
 config = "tiny"          # micro | tiny | small (video shape and model size)
@@ -55,8 +55,7 @@ seed = 0
 compile = torch.cuda.is_available()
 resume = False
 # ------------------------------------------------------------------------------
-settings = apply_overrides({k: v for k, v in globals().items() if not k.startswith("_")
-                            and isinstance(v, (int, float, bool, str))}, sys.argv[1:])
+settings = script_settings(globals(), sys.argv[1:])
 globals().update(settings)
 if config not in data.CONFIGS:
     raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
@@ -75,9 +74,8 @@ raw_model = M.build_model(config).to(device)
 ema_model = copy.deepcopy(raw_model).requires_grad_(False).eval()
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
 step, run_id = 0, uuid.uuid4().hex[:12]
+refuse_overwrite(ckpt_path, resume)
 if os.path.exists(ckpt_path):
-    if not resume:
-        raise UserError(f"{ckpt_path} exists: pass --resume=true to continue it, or choose another --out_dir")
     ckpt = load_checkpoint(ckpt_path, kind="slow_generator", map_location=device)
     if ckpt["model_config"] != M.config_dict(raw_model):
         raise UserError(f"{ckpt_path} was trained with another model config: {ckpt['model_config']}")
@@ -107,11 +105,6 @@ stream = (data.ClipFolder(data_dir, **shape, **stream_args) if data_dir
 batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
                           persistent_workers=num_workers > 0))
 noise_gen = torch.Generator(device=device)
-
-
-def noise_seed(micro_index):
-    """The noise, timesteps and condition dropout of a micro-batch, keyed like its data."""
-    return int(np.random.SeedSequence([seed, rank, micro_index]).generate_state(1)[0])
 
 
 def save():
@@ -145,13 +138,7 @@ def write_samples():
 # ------------------------------------------------------------------- loop ---
 end_step = min(stop_at or max_steps, max_steps)
 os.makedirs(out_dir, exist_ok=True)
-log = None
-if master:  # drop log lines past the checkpoint we resumed from: they will be redone
-    log_path = os.path.join(out_dir, "log.jsonl")
-    kept = [line for line in open(log_path)] if os.path.exists(log_path) else []
-    kept = [line for line in kept if json.loads(line)["step"] <= step]
-    log = open(log_path, "w")
-    log.writelines(kept)
+log = open_log(out_dir, step) if master else None
 bar = tqdm(total=end_step, initial=step, disable=not master, desc="stage 0", dynamic_ncols=True)
 raw_model.train()
 last_time = time.time()
@@ -163,7 +150,7 @@ while step < end_step:
     for micro in range(grad_accum):
         batch = next(batches)
         video = batch["video"].to(device, non_blocking=True)  # (B, T, C, H, W)
-        noise_gen.manual_seed(noise_seed(step * grad_accum + micro))
+        noise_gen.manual_seed(noise_seed(seed, rank, step * grad_accum + micro))
         # DDP all-reduces gradients only on the last micro-step.
         sync = contextlib.nullcontext() if world_size == 1 or micro == grad_accum - 1 else train_model.no_sync()
         with sync, autocast(device):

@@ -28,10 +28,14 @@ def test_shapes_for_each_config(name, tokens, params):
     assert params[0] < n < params[1]
 
 
-def test_fresh_model_outputs_zero_adaln_zero():
+def test_fresh_model_predicts_a_zero_clean_video():
+    # adaLN-Zero zeroes the network's output, the clean-video prediction, so
+    # a fresh model's velocity is (x_t - 0) / t, with t clamped at T_MIN.
     model = M.build_model("micro")
-    x = torch.randn(2, 4, 3, 16, 16)
-    assert torch.equal(model(x, torch.rand(2), x[:, 0]), torch.zeros_like(x))
+    x, t = torch.randn(3, 4, 3, 16, 16), torch.tensor([0.01, 0.3, 0.8])
+    expected = x / t.clamp(min=M.T_MIN).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(model(x, t, None), expected)
+    torch.testing.assert_close(M.clean_estimate(x, model(x, t, None), t)[1:], torch.zeros_like(x[1:]))
 
 
 def test_patchify_round_trip():
@@ -74,6 +78,23 @@ def test_first_frame_and_its_dropout():
     mixed = model(x, t, frame, keep=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(mixed[1], dropped[1])
     torch.testing.assert_close(mixed[0], model(x, t, frame)[0])
+
+
+def test_given_first_frame_is_pinned_exactly():
+    model = random_final_layer(M.build_model("micro"))
+    frame = torch.rand(2, 3, 16, 16) * 2 - 1
+    # Any step count lands frame 0 on the given first frame, frames 1.. move.
+    for steps in (1, 4):
+        video = M.generate(model, frame, steps=steps, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(video[:, 0], frame.clamp(-1, 1))
+        assert not torch.allclose(video[:, 1], frame, atol=0.1)
+    # Frame 0 of the noisy input is not read where the first frame is given...
+    x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
+    other = x.clone()
+    other[:, 0] = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x, t, frame)[:, 1:], model(other, t, frame)[:, 1:])
+    # ...but it is where the first frame is dropped.
+    assert not torch.allclose(model(x, t, None)[:, 1:], model(other, t, None)[:, 1:])
 
 
 def test_flow_matching_loss_halves_on_a_fixed_batch():
