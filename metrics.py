@@ -1,0 +1,102 @@
+"""Measuring generated clips: how well objects follow their trajectories.
+
+The sprite world's objects each have a saturated colour of their own, so a
+colour segmentation finds them in a generated clip without any learned
+detector. Every stage and bench.py measure trajectory accuracy with the one
+function here, `trajectory_accuracy`.
+"""
+
+import torch
+from einops import rearrange
+
+# A pixel belongs to an object when its colour is the nearest of the scene's
+# object colours and closer than this (Euclidean RGB distance, channels in
+# [0, 1]). Checked on real clips: it recovers the visible masks (test_metrics).
+COLOR_THRESHOLD = 0.25
+
+
+def segment_objects(video, colors, n_objects, threshold=COLOR_THRESHOLD):
+    """video (T, 3, H, W) in [-1, 1], colors (K, 3) uint8 -> masks (n, T, H, W) bool."""
+    rgb = rearrange((video.float() + 1) / 2, "t c h w -> t h w c")
+    palette = colors[:n_objects].float().to(video.device) / 255  # (n, 3)
+    distance = torch.cdist(rgb.reshape(-1, 3), palette).reshape(*rgb.shape[:-1], n_objects)  # (T, H, W, n)
+    nearest = distance.argmin(-1)
+    close = distance.min(-1).values < threshold
+    masks = torch.stack([(nearest == k) & close for k in range(n_objects)])  # (n, T, H, W)
+    return masks
+
+
+def mask_boxes(masks):
+    """Bounding boxes (x0, y0, x1, y1), pixel edges, of masks (..., H, W); zeros where empty."""
+    H, W = masks.shape[-2:]
+    rows, cols = masks.any(-1), masks.any(-2)  # (..., H), (..., W)
+    ys, xs = torch.arange(H, device=masks.device), torch.arange(W, device=masks.device)
+    y0 = torch.where(rows, ys, H).min(-1).values
+    y1 = torch.where(rows, ys + 1, 0).max(-1).values
+    x0 = torch.where(cols, xs, W).min(-1).values
+    x1 = torch.where(cols, xs + 1, 0).max(-1).values
+    empty = ~rows.any(-1)
+    return torch.stack([x0, y0, x1, y1], -1).masked_fill(empty[..., None], 0).float()
+
+
+def box_iou(a, b):
+    """IoU of boxes (..., 4) in (x0, y0, x1, y1)."""
+    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = w * h
+    area = lambda box: (box[..., 2] - box[..., 0]).clamp(min=0) * (box[..., 3] - box[..., 1]).clamp(min=0)
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-6)
+
+
+def centroids(masks):
+    """Centres of mass (x, y) in pixels of masks (..., H, W), pixel centres at +0.5."""
+    H, W = masks.shape[-2:]
+    m = masks.float()
+    total = m.sum((-2, -1)).clamp(min=1)
+    ys = torch.arange(H, device=masks.device).float() + 0.5
+    xs = torch.arange(W, device=masks.device).float() + 0.5
+    return torch.stack([(m.sum(-2) * xs).sum(-1) / total, (m.sum(-1) * ys).sum(-1) / total], -1)
+
+
+def trajectory_accuracy(video, masks, boxes, colors, n_objects):
+    """How well one generated clip follows its trajectories.
+
+    video (T, 3, H, W) in [-1, 1]; masks (K, T, H, W) the target visible masks,
+    boxes (K, T, 4) the target boxes, colors (K, 3), as data.to_sample gives
+    them. Frame 0 is the given first frame, so only frames 1.. count, and only
+    where the object is visible in the target. Returns a dict of floats:
+      miou           mean over objects of the mean mask IoU over its frames;
+      box_iou        the same for the box around the segmented pixels vs
+                     the target box;
+      center_err_px  mean distance between the centres of the segmented and
+                     the target masks; a frame where the object was not
+                     found at all counts as half the frame size.
+    """
+    n = int(n_objects)
+    found = segment_objects(video, colors, n)[:, 1:]  # (n, T-1, H, W)
+    target = masks[:n, 1:].to(found.device)
+    visible = target.any((-2, -1))  # (n, T-1)
+    inter = (found & target).sum((-2, -1)).float()
+    union = (found | target).sum((-2, -1)).float().clamp(min=1)
+    present = found.any((-2, -1))
+    distance = (centroids(found) - centroids(target)).norm(dim=-1)
+    distance = torch.where(present, distance, torch.full_like(distance, video.shape[-1] / 2))
+    boxes_iou = box_iou(mask_boxes(found), boxes[:n, 1:].to(found.device))
+
+    def per_object_mean(values):
+        weights = visible.float()
+        return ((values * weights).sum(1) / weights.sum(1).clamp(min=1))[visible.any(1)].mean().item()
+
+    return {"miou": per_object_mean(inter / union), "box_iou": per_object_mean(boxes_iou),
+            "center_err_px": per_object_mean(distance)}
+
+
+def batch_trajectory_accuracy(videos, batch):
+    """trajectory_accuracy for each clip of a batch (data.collate's keys): a list of dicts."""
+    return [trajectory_accuracy(videos[i], batch["masks"][i], batch["boxes"][i], batch["colors"][i],
+                                batch["n_objects"][i]) for i in range(len(videos))]
+
+
+def mean_of(results):
+    """Average a list of metric dicts key by key."""
+    return {key: sum(r[key] for r in results) / len(results) for key in results[0]}

@@ -1,0 +1,149 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adapter as A
+import common
+import data
+import model as M
+from test_model import random_final_layer
+
+
+def micro_generator(seed=0):
+    torch.manual_seed(seed)
+    return random_final_layer(M.build_model("micro")).requires_grad_(False)
+
+
+def micro_batch(seed=0, batch_size=2):
+    return data.SpriteWorld(4, 16, batch_size=batch_size, seed=seed).batch(0)
+
+
+def generator_checkpoint(path, generator, run_id):
+    common.save_checkpoint(path, {"kind": "slow_generator", "run_id": run_id, "parent": None, "step": 0,
+                                  "model_config": M.config_dict(generator), "ema": generator.state_dict()})
+    return common.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", A.ADAPTERS)
+def test_fresh_adapter_is_exactly_the_generator(kind):
+    generator = micro_generator()
+    controlled = A.Controlled(generator, A.build_adapter(kind, generator))
+    batch = micro_batch()
+    x, t = torch.randn(2, 4, 3, 16, 16), torch.tensor([0.3, 0.9])
+    base = generator(x, t, batch["video"][:, 0])
+    for traj_keep in (None, torch.tensor([1.0, 0.0])):
+        adapted = controlled(x, t, batch["video"][:, 0], trajectory=batch["box_maps"], traj_keep=traj_keep)
+        assert torch.equal(adapted, base)
+
+
+@pytest.mark.parametrize("kind", A.ADAPTERS)
+def test_only_adapter_parameters_get_gradients_and_they_all_do(kind):
+    generator = micro_generator()
+    adapter = A.build_adapter(kind, generator)
+    controlled = A.Controlled(generator, adapter)
+    batch = micro_batch()
+    # One step first: zero-initialised layers pass no gradient to what feeds
+    # them until they have moved.
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        M.flow_matching_loss(controlled, batch["video"], batch["video"][:, 0], torch.Generator().manual_seed(0),
+                             trajectory=batch["box_maps"]).backward()
+        optimizer.step()
+    assert all(p.grad is None for p in generator.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("kind", A.ADAPTERS)
+def test_adapter_lowers_the_loss_on_a_fixed_batch(kind):
+    generator = micro_generator()
+    adapter = A.build_adapter(kind, generator)
+    controlled = A.Controlled(generator, adapter)
+    batch = micro_batch(batch_size=4)
+    video, noise, t = batch["video"], torch.randn_like(batch["video"]), torch.rand(4) * 0.8 + 0.1
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        loss = M.flow_matching_loss(controlled, video, video[:, 0], t=t, noise=noise, trajectory=batch["box_maps"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])
+
+
+def test_trajectory_dropout_is_a_distinct_condition():
+    generator = micro_generator()
+    adapter = A.build_adapter("controlnet", generator)
+    torch.nn.init.normal_(adapter.trajectory_embed.weight, std=0.1)
+    for layer in adapter.outputs:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    controlled = A.Controlled(generator, adapter)
+    batch = micro_batch()
+    x, t, first = torch.randn(2, 4, 3, 16, 16), torch.rand(2), batch["video"][:, 0]
+    kept = controlled(x, t, first, trajectory=batch["box_maps"])
+    dropped = controlled(x, t, first, trajectory=batch["box_maps"], traj_keep=torch.zeros(2))
+    # Dropped: the maps no longer matter, and the result differs from kept.
+    other_maps = controlled(x, t, first, trajectory=torch.rand_like(batch["box_maps"]), traj_keep=torch.zeros(2))
+    assert torch.equal(dropped, other_maps) and not torch.allclose(kept, dropped)
+
+
+@pytest.mark.parametrize("kind", A.ADAPTERS)
+def test_checkpoint_round_trip_and_wrong_generator_refused(kind, tmp_path):
+    generator = micro_generator()
+    parent = generator_checkpoint(tmp_path / "gen.pt", generator, "run-a")
+    adapter = A.build_adapter(kind, generator)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    common.save_checkpoint(tmp_path / "adapter.pt", {
+        "kind": "slow_adapter", "run_id": "x", "parent": "run-a", "parent_path": str(tmp_path / "gen.pt"),
+        "generator_config": M.config_dict(generator), "adapter_config": adapter.config(),
+        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    ckpt = common.load_checkpoint(tmp_path / "adapter.pt", kind="slow_adapter")
+    loaded = A.adapter_from_checkpoint(ckpt, generator, parent)
+    batch = micro_batch()
+    x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
+    run = lambda a: A.Controlled(generator, a)(x, t, batch["video"][:, 0], trajectory=batch["box_maps"])
+    assert torch.equal(run(loaded), run(adapter))
+
+    other = generator_checkpoint(tmp_path / "other.pt", micro_generator(seed=1), "run-b")
+    with pytest.raises(common.UserError, match="trained on the generator checkpoint"):
+        A.adapter_from_checkpoint(ckpt, micro_generator(seed=1), other)
+    # Asked for on purpose (the naive pairing), it loads.
+    A.adapter_from_checkpoint(ckpt, micro_generator(seed=1), other, allow_other_generator=True)
+
+
+def run_adapter(*args):
+    return subprocess.run([sys.executable, "adapter.py", "--config=micro", "--batch_size=2", "--num_workers=0",
+                           "--ckpt_interval=2", "--eval_scenes=2", "--sample_steps=2", *args],
+                          capture_output=True, text=True)
+
+
+def test_training_script_runs_resumes_and_measures(tmp_path):
+    generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
+    gen = f"--generator_ckpt={tmp_path / 'gen.pt'}"
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    result = run_adapter(gen, "--max_steps=4", "--sample_interval=4", f"--out_dir={straight}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out mIoU" in result.stdout + result.stderr
+    assert (straight / "samples" / "step_000004.gif").exists()
+    assert run_adapter(gen, "--max_steps=4", "--stop_at=2", "--sample_interval=0",
+                       f"--out_dir={interrupted}").returncode == 0
+    assert run_adapter(gen, "--max_steps=4", "--sample_interval=0", "--resume=true",
+                       f"--out_dir={interrupted}").returncode == 0
+    a, b = common.load_checkpoint(straight / "ckpt.pt"), common.load_checkpoint(interrupted / "ckpt.pt")
+    assert a["step"] == b["step"] == 4 and a["parent"] == "run-a"
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("flag, message", [("--adapter=dora", "--adapter must be one of"),
+                                           ("--condition=points", "--condition must be one of"),
+                                           ("--generator_ckpt=nowhere.pt", "checkpoint not found")])
+def test_bad_flags_fail_with_one_line(flag, message, tmp_path):
+    result = run_adapter(flag, f"--out_dir={tmp_path}")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path)
