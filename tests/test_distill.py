@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import torch
+
+import common
+import distill as D
+import model as M
+from test_adapter import generator_checkpoint, micro_batch, micro_generator
+
+
+def test_dmd_gradient_is_fake_minus_real_over_the_normaliser():
+    torch.manual_seed(0)
+    generated = torch.randn(3, 4, 3, 8, 8, requires_grad=True)
+    fake, real = torch.randn(3, 4, 3, 8, 8), torch.randn(3, 4, 3, 8, 8)
+    D.dmd_loss(generated, fake, real).backward()
+    normaliser = (generated.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = (fake - real) / normaliser / generated.numel()
+    torch.testing.assert_close(generated.grad, expected)
+    # A generator already where the teacher is (fake == real) gets no push.
+    generated.grad = None
+    D.dmd_loss(generated, real, real).backward()
+    assert torch.count_nonzero(generated.grad) == 0
+
+
+def test_training_inputs_come_from_the_sampling_path():
+    # Backward simulation: stopping the sampler after k steps and taking step
+    # k by hand gives exactly the clip the sampler itself makes.
+    generator = micro_generator()
+    first = micro_batch()["video"][:, 0]
+    times = D.fast_times()
+    assert len(times) == 4 and times[0] == 1 and torch.all(times[1:] < times[:-1])
+    full = D.fast_generate(generator, first, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 4, 3, 16, 16, generator=gen)
+    x_k = D.few_step_sample(generator, noise, times, {"first_frame": first}, gen, stop_after=3)
+    with torch.no_grad():
+        last = D.few_step_step(generator, x_k, times[3], {"first_frame": first})
+    torch.testing.assert_close(last.clamp(-1, 1), full)
+    torch.testing.assert_close(full[:, 0], first)  # the first frame is kept
+
+
+def test_fake_score_fits_the_generator_outputs():
+    generator = micro_generator()
+    fake = micro_generator(seed=1).requires_grad_(True)
+    first = micro_batch(batch_size=4)["video"][:, 0]
+    clips = D.fast_generate(generator, first, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(fake.parameters(), lr=2e-3)
+    noise, t = torch.randn_like(clips), torch.rand(4) * 0.8 + 0.1
+    losses = []
+    for _ in range(100):
+        loss = M.flow_matching_loss(fake, clips, first, t=t, noise=noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def run_distill(*args):
+    return subprocess.run([sys.executable, "distill.py", "--config=micro", "--batch_size=2", "--num_workers=0",
+                           "--ckpt_interval=2", "--ratio=2", *args], capture_output=True, text=True)
+
+
+def test_distillation_iterations_run_and_resume(tmp_path):
+    generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
+    teacher = f"--teacher_ckpt={tmp_path / 'gen.pt'}"
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    result = run_distill(teacher, "--max_steps=4", "--sample_interval=4", f"--out_dir={straight}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (straight / "samples" / "step_000004.gif").exists()
+    assert run_distill(teacher, "--max_steps=4", "--stop_at=2", "--sample_interval=0",
+                       f"--out_dir={interrupted}").returncode == 0
+    assert run_distill(teacher, "--max_steps=4", "--sample_interval=0", "--resume=true",
+                       f"--out_dir={interrupted}").returncode == 0
+    a, b = common.load_checkpoint(straight / "ckpt.pt"), common.load_checkpoint(interrupted / "ckpt.pt")
+    assert a["kind"] == "fast_generator" and a["parent"] == "run-a" and a["step"] == b["step"] == 4
+    teacher_weights = common.load_checkpoint(tmp_path / "gen.pt")["ema"]
+    assert any(not torch.equal(a["model"][k], teacher_weights[k]) for k in teacher_weights)  # G moved
+    for part in ("model", "fake_score"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+def test_bad_time_range_is_refused(tmp_path):
+    result = run_distill("--t_min=0.5", "--t_max=0.2", f"--out_dir={tmp_path}")
+    assert result.returncode == 1 and "--t_min" in result.stderr and "Traceback" not in result.stderr
