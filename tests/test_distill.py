@@ -85,3 +85,23 @@ def test_distillation_iterations_run_and_resume(tmp_path):
 def test_bad_time_range_is_refused(tmp_path):
     result = run_distill("--t_min=0.5", "--t_max=0.2", f"--out_dir={tmp_path}")
     assert result.returncode == 1 and "--t_min" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_controlled_mode_distils_generator_and_adapter_together(tmp_path):
+    from test_hybrid import trained_looking_adapter
+    slow = micro_generator()
+    generator_checkpoint(tmp_path / "slow.pt", slow, "slow-run")
+    adapter = trained_looking_adapter(slow)
+    common.save_checkpoint(tmp_path / "adapter.pt", {
+        "kind": "slow_adapter", "run_id": "adapter-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "generator_config": M.config_dict(slow), "adapter_config": adapter.config(),
+        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    result = run_distill(f"--teacher_ckpt={tmp_path / 'slow.pt'}", "--controlled=true",
+                         f"--adapter_ckpt={tmp_path / 'adapter.pt'}", "--max_steps=2", "--sample_interval=2",
+                         f"--out_dir={tmp_path / 'joint'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = common.load_checkpoint(tmp_path / "joint" / "ckpt.pt", kind="dmd_joint")
+    assert ckpt["adapter_parent"] == "adapter-run" and ckpt["adapter_config"] == adapter.config()
+    moved = [k for k, v in ckpt["model"].items() if k.startswith("adapter.")
+             and not torch.equal(v, adapter.state_dict()[k[len("adapter."):]])]
+    assert moved  # the adapter is distilled too, not only the generator
