@@ -113,6 +113,18 @@ def noise_seed(seed, rank, index):
     return int(np.random.SeedSequence([seed, rank, index]).generate_state(1)[0])
 
 
+TRAINING_STATE = ("model", "optimizer", "opt_generator", "opt_fake", "fake_score", "opt_adapter", "opt_disc",
+                  "disc_heads")
+
+
+def export_checkpoint(src, dst):
+    """A run's checkpoint without what only training needs (raw weights,
+    optimizers, fake score, discriminator heads): the EMA weights and the
+    metadata that tie it to its parents. This is what checkpoints/ ships."""
+    ckpt = load_checkpoint(src)
+    save_checkpoint(dst, {key: value for key, value in ckpt.items() if key not in TRAINING_STATE})
+
+
 # ------------------------------------------------------------ devices/DDP ----
 
 def setup_distributed():

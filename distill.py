@@ -120,7 +120,7 @@ def main(argv):
         warmup=50,
         grad_clip=1.0,
         ema_decay=0.99,
-        guidance=2.0,              # real score CFG, `uncond + w (cond - uncond)`; on the first frame, or the trajectory
+        guidance=1.0,              # real score CFG, `uncond + w (cond - uncond)`; on the first frame, or the trajectory
         t_min=0.02,                # DMD re-noises at shifted uniform t clamped to [t_min, t_max]
         t_max=0.98,
         ckpt_interval=50,

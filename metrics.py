@@ -100,3 +100,47 @@ def batch_trajectory_accuracy(videos, batch):
 def mean_of(results):
     """Average a list of metric dicts key by key."""
     return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+
+
+# ------------------------------------------------------------ video quality --
+# Cheap statistics that show the known failure modes of few-step and DMD
+# generators next to the real clips' values: noise or blur (roughness above
+# or below the real one), static videos (motion), oversaturated colours
+# (clipped pixels) and collapse (samples of one first frame all alike).
+
+def roughness(videos):
+    """Mean absolute difference between horizontally neighbouring pixels,
+    frames 1.. of (B, T, C, H, W): above the real value is noise, below is blur."""
+    frames = videos[:, 1:].float()
+    return (frames[..., 1:] - frames[..., :-1]).abs().mean().item()
+
+
+def motion(videos):
+    """Mean absolute change from frame 0: near 0 is a static video."""
+    return (videos[:, 1:].float() - videos[:, :1].float()).abs().mean().item()
+
+
+def clipped(videos):
+    """Fraction of pixel values at the ends of [-1, 1]: oversaturation."""
+    return (videos[:, 1:].float().abs() > 0.98).float().mean().item()
+
+
+def psnr(videos, truth):
+    """PSNR in dB of frames 1.. against the true clips, signal range 2 ([-1, 1])."""
+    mse = ((videos[:, 1:].float() - truth[:, 1:].float()) ** 2).mean(dim=(1, 2, 3, 4)).clamp(min=1e-10)
+    return (10 * torch.log10(4 / mse)).mean().item()
+
+
+def diversity(videos_a, videos_b):
+    """Mean absolute difference between two samples of the same first frames
+    (different noise), frames 1..: near 0 is mode collapse."""
+    return (videos_a[:, 1:].float() - videos_b[:, 1:].float()).abs().mean().item()
+
+
+def quality(videos, truth, videos_other_seed=None):
+    """All the above for a batch of generated clips (B, T, C, H, W) against the true ones."""
+    result = {"roughness": roughness(videos), "motion": motion(videos), "clipped": clipped(videos),
+              "psnr": psnr(videos, truth)}
+    if videos_other_seed is not None:
+        result["diversity"] = diversity(videos, videos_other_seed)
+    return result

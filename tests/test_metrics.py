@@ -49,3 +49,15 @@ def test_missing_object_counts_half_the_frame():
     result = metrics.trajectory_accuracy(blank, batch["masks"][0], batch["boxes"][0], batch["colors"][0],
                                          batch["n_objects"][0])
     assert result["miou"] < 0.05 and abs(result["center_err_px"] - 16.0) < 1.0
+
+
+def test_quality_statistics_see_the_failure_modes():
+    truth = scenes()["video"]
+    static = truth[:, :1].expand_as(truth)
+    noisy = (truth + 0.3 * torch.randn_like(truth)).clamp(-1, 1)
+    assert metrics.motion(static) == 0 and metrics.motion(truth) > 0.01
+    assert metrics.roughness(noisy) > 2 * metrics.roughness(truth)
+    assert metrics.psnr(truth, truth) > 90 and metrics.psnr(noisy, truth) < metrics.psnr(truth * 0.99, truth)
+    assert metrics.clipped(torch.sign(truth)) == 1.0
+    assert metrics.diversity(truth, truth) == 0 and metrics.diversity(truth, noisy) > 0
+    assert set(metrics.quality(truth, truth, noisy)) == {"roughness", "motion", "clipped", "psnr", "diversity"}

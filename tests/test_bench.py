@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import common
+import model as M
+from test_adapter import generator_checkpoint, micro_generator
+from test_hybrid import trained_looking_adapter
+
+
+def micro_checkpoints(folder):
+    slow = micro_generator()
+    generator_checkpoint(folder / "slow_generator_micro.pt", slow, "slow-run")
+    adapter = trained_looking_adapter(slow)
+    common.save_checkpoint(folder / "slow_adapter_controlnet_micro.pt", {
+        "kind": "slow_adapter", "run_id": "adapter-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "generator_config": M.config_dict(slow), "adapter_config": adapter.config(),
+        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    common.save_checkpoint(folder / "fast_generator_micro.pt", {
+        "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "bench.py", "--config=micro", "--scenes_per_count=1",
+                           "--teacher_steps=3", *args], capture_output=True, text=True)
+
+
+def test_bench_runs_every_available_method_and_writes_json(tmp_path):
+    micro_checkpoints(tmp_path)
+    result = bench(f"--checkpoints={tmp_path}", f"--json={tmp_path / 'r.json'}", f"--gif={tmp_path / 'b.gif'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    methods = ["generator", "teacher", "teacher-4", "fast-generator", "naive"]
+    for name in methods:
+        assert f"| {name} |" in result.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())["methods"]
+    assert list(saved) == methods
+    for name in methods:
+        assert {"miou", "box_iou", "center_err_px", "psnr", "nfe", "ms_per_video", "by_objects"} <= set(saved[name])
+        assert len(saved[name]["by_objects"]) == 6 and 0 <= saved[name]["miou"] <= 1
+    assert saved["teacher"]["nfe"] == 3 and saved["naive"]["nfe"] == 4
+    assert (tmp_path / "b.gif").exists()
+
+
+def test_missing_checkpoint_says_how_to_make_it(tmp_path):
+    micro_checkpoints(tmp_path)
+    result = bench(f"--checkpoints={tmp_path}", "--methods=flashmotion")
+    assert result.returncode == 1 and "hybrid_finetune.py" in result.stderr and "Traceback" not in result.stderr
+    result = bench(f"--checkpoints={tmp_path}", "--methods=best")
+    assert result.returncode == 1 and "unknown method 'best'" in result.stderr
+
+
+def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):
+    micro_checkpoints(tmp_path)
+    common.export_checkpoint(tmp_path / "fast_generator_micro.pt", tmp_path / "slim.pt")
+    slim = common.load_checkpoint(tmp_path / "slim.pt", kind="fast_generator")
+    assert "optimizer" not in slim and slim["parent"] == "slow-run" and "ema" in slim
