@@ -106,13 +106,13 @@ def run_method(model, sampler, scenes, steps, guidance=1.0, seed=0, batch_size=8
         conditions = {}
         if controlled:
             conditions["trajectory"] = scenes["box_maps"][start:start + batch_size]
-        generator = torch.Generator().manual_seed(seed + start)
+        generator = torch.Generator(device=first.device).manual_seed(seed + start)
         begin = time.perf_counter()
         if sampler == "few-step":
             video = D.fast_generate(model, first, generator, **conditions)
         else:
             if controlled:
-                conditions["uncond"] = {"traj_keep": torch.zeros(len(first))}
+                conditions["uncond"] = {"traj_keep": torch.zeros(len(first), device=first.device)}
             video = M.generate(model, first, steps=steps, cfg_scale=guidance if controlled else 1.0,
                                generator=generator, **conditions)
         seconds += time.perf_counter() - begin

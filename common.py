@@ -23,12 +23,16 @@ class UserError(SystemExit):
 # ---------------------------------------------------------------- config ----
 
 def apply_overrides(config, argv):
-    """nanoGPT-style `--key=value` overrides of a dict of defaults, type-checked
+    """nanoGPT-style `--key=value` (or `--key value`) overrides of a dict of defaults, type-checked
     against the default's type. Returns the updated dict."""
     config = dict(config)
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--"):
+            arg = f"{arg}={argv.pop(0)}"  # `--key value` reads as `--key=value`
         if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"expected --key=value, got '{arg}'")
+            raise UserError(f"expected --key=value or --key value, got '{arg}'")
         key, value = arg[2:].split("=", 1)
         if key not in config:
             known = ", ".join(sorted(config))
