@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole FlashMotion pipeline from nothing, stage by stage:
+#
+#   bash pipeline.sh tiny     # CPU is enough (hours on 2 cores); what checkpoints/ ships
+#   bash pipeline.sh small    # one GPU
+#
+# Each stage trains into runs/<name>_<config>/ and, when done, exports its EMA
+# weights to checkpoints/<name>_<config>.pt. Run it again after an
+# interruption: finished stages are skipped, an unfinished one resumes from
+# its last checkpoint. Extra arguments reach every stage (e.g. --num_workers=8).
+set -euo pipefail
+config=${1:-tiny}
+shift || true
+extra=("$@")
+mkdir -p checkpoints
+
+case $config in
+  tiny)  steps0=4000 batch0=128 steps1=2500 steps2=900 steps3=300 ;;
+  small) steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 ;;
+  *) echo "error: config must be tiny or small, got '$config'" >&2; exit 1 ;;
+esac
+
+# stage NAME RUN_DIR STEPS SCRIPT ARGS...: train (or resume) until done, then export.
+stage() {
+  local name=$1 run=$2 steps=$3 script=$4
+  shift 4
+  local out=checkpoints/${name}_${config}.pt
+  if [ -f "$out" ]; then echo "== $name: $out exists, skipped"; return; fi
+  echo "== $name: python $script $*"
+  python "$script" --config="$config" --out_dir="$run" --max_steps="$steps" --resume=true "$@" "${extra[@]}"
+  python -c "import common, sys; common.export_checkpoint(sys.argv[1], sys.argv[2])" "$run/ckpt.pt" "$out"
+}
+
+stage slow_generator runs/slow_generator_$config $steps0 train.py --batch_size=$batch0 --lr=8e-4
+for kind in controlnet lora; do
+  stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 adapter.py --adapter=$kind
+done
+stage fast_generator runs/fast_generator_$config $steps2 distill.py --ratio=3 --lr_generator=5e-5
+stage dmd_joint runs/dmd_joint_$config $steps2 distill.py --controlled=true --ratio=3 --lr_generator=5e-5
+for loss in hybrid diffusion adversarial; do
+  stage fast_adapter_${loss}_controlnet runs/fast_adapter_${loss}_$config $steps3 hybrid_finetune.py --loss=$loss
+done
+python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"
