@@ -24,7 +24,12 @@ generator, along the same 4-step path the fast generator samples
 The GAN loss is the non-saturating one (softplus), as in DMD2. No R1 penalty:
 the discriminator only ever sees noised clips, which already smooths it
 (the instance-noise argument of Diffusion-GAN), and R1 would need a second
-backward through the whole backbone.
+backward through the whole backbone. The discriminator re-noises to
+t ~ U(0.02, disc_max_t = 0.6), and its heads learn at lr 2e-3: with the
+generator's own shifted t (mostly above 0.7) and lr 2e-4, the heads stayed
+at chance for a whole run (accuracy 0.50, loss 2 ln 2), so the adversarial
+loss fed the adapter noise. Measured with the heads alone on fixed clips:
+above t ~ 0.75 real and generated clips are hardly told apart.
 
     python hybrid_finetune.py                      # flashmotion: hybrid loss, tiny
     python hybrid_finetune.py --loss=diffusion     # the diffusion-only ablation
@@ -98,13 +103,15 @@ def main(argv):
         adapter_ckpt="",           # the slow adapter; default: checkpoints/slow_adapter_controlnet_<config>.pt
         loss="hybrid",             # hybrid | diffusion | adversarial
         lambda_adv=0.1,            # weight of the adversarial loss in the hybrid objective
+        diffusion_steps="0,1,2,3", # steps k of the 4-step list where the diffusion loss applies
         disc_blocks="1,3,5",       # backbone blocks whose features the discriminator heads read
         out_dir="",                # default: runs/fast_adapter_<loss>_<config>
         batch_size=8,
         max_steps=600,
         stop_at=0,
         lr=1e-4,                   # adapter
-        lr_disc=2e-4,              # discriminator heads
+        lr_disc=2e-3,              # discriminator heads
+        disc_max_t=0.6,            # the discriminator sees clips re-noised at t ~ U(0.02, disc_max_t)
         disc_steps=1,              # discriminator updates per adapter update
         warmup=20,
         grad_clip=1.0,
@@ -125,10 +132,18 @@ def main(argv):
     for key in ("batch_size", "max_steps", "ckpt_interval", "disc_steps", "eval_scenes"):
         if getattr(opt, key) < 1:
             raise UserError(f"--{key} must be at least 1")
+    if not 0.02 < opt.disc_max_t <= 1:
+        raise UserError(f"--disc_max_t must be in (0.02, 1], got {opt.disc_max_t}")
     try:
         disc_blocks = [int(b) for b in opt.disc_blocks.split(",")]
     except ValueError:
         raise UserError(f"--disc_blocks must be comma-separated block numbers, got '{opt.disc_blocks}'") from None
+    try:
+        diffusion_steps = {int(k) for k in opt.diffusion_steps.split(",")}
+    except ValueError:
+        raise UserError(f"--diffusion_steps must be comma-separated steps 0..3, got '{opt.diffusion_steps}'") from None
+    if not diffusion_steps or not diffusion_steps <= set(range(len(D.FAST_TIMES))):
+        raise UserError(f"--diffusion_steps must name steps 0..{len(D.FAST_TIMES) - 1}, got '{opt.diffusion_steps}'")
     depth = M.config_for(opt.config).depth
     if not disc_blocks or any(not 0 <= b < depth for b in disc_blocks):
         raise UserError(f"--disc_blocks must name blocks 0..{depth - 1}, got '{opt.disc_blocks}'")
@@ -196,6 +211,11 @@ def main(argv):
     scenes = data.SpriteWorld(**shape, batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED).batch(0)
     naive = None  # the slow adapter as is on the fast generator, measured once
 
+    def disc_time(B):
+        # Low and middle noise only: above t ~ 0.6 the noise hides what tells a
+        # generated clip from a real one, and the heads learn nothing there.
+        return 0.02 + (opt.disc_max_t - 0.02) * torch.rand(B, generator=noise_gen, device=device)
+
     def held_out(model):
         first = scenes["video"][:, 0].to(device)
         with autocast(device):
@@ -244,12 +264,15 @@ def main(argv):
         for group in opt_adapter.param_groups:
             group["lr"] = lr_at(step, opt.lr, opt.warmup, opt.max_steps)
         # One step k of the 4-step list for the whole batch, keyed on the step alone (all ranks agree).
-        k = int(torch.randint(len(times), (1,), generator=torch.Generator().manual_seed(opt.seed * 7919 + step)))
+        # (diffusion-only draws among --diffusion_steps; with the adversarial loss every step trains.)
+        choices = sorted(diffusion_steps) if opt.loss == "diffusion" else range(len(times))
+        key = torch.Generator().manual_seed(opt.seed * 7919 + step)
+        k = choices[int(torch.randint(len(choices), (1,), generator=key))]
         t_k = times[k].expand(B)
         record = {"step": step + 1, "k": k}
         loss = torch.zeros((), device=device)
 
-        if use_diffusion:  # the real clip, noised to t_k, must come back as itself
+        if use_diffusion and k in diffusion_steps:  # the real clip, noised to t_k, must come back as itself
             with autocast(device):
                 noisy_real = M.add_noise(video, torch.randn(video.shape, generator=noise_gen, device=device), t_k)
                 predicted = D.few_step_step(train_model, noisy_real, times[k], cond)
@@ -263,7 +286,7 @@ def main(argv):
                 x_k = D.few_step_sample(train_model, noise, times, cond, noise_gen, stop_after=k)
             with autocast(device):
                 generated = D.few_step_step(train_model, x_k, times[k], cond)
-                t = M.sample_training_time(B, noise_gen, device).clamp(0.02, 0.98)
+                t = disc_time(B)
                 renoise = torch.randn(video.shape, generator=noise_gen, device=device)
                 adversarial = generator_adversarial_loss(discriminator(generated, t, renoise, cond).float())
             loss = loss + (opt.lambda_adv if opt.loss == "hybrid" else 1.0) * adversarial
@@ -282,7 +305,7 @@ def main(argv):
                 group["lr"] = lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps)
             fake = generated.detach().float()
             for _ in range(opt.disc_steps):
-                t = M.sample_training_time(B, noise_gen, device).clamp(0.02, 0.98)
+                t = disc_time(B)
                 noise = torch.randn(video.shape, generator=noise_gen, device=device)
                 both = {key: torch.cat([value, value]) for key, value in cond.items()}
                 with autocast(device):  # one forward for real and fake (DDP wants one per backward)

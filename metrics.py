@@ -131,6 +131,25 @@ def psnr(videos, truth):
     return (10 * torch.log10(4 / mse)).mean().item()
 
 
+def ssim(videos, truth, window=7, sigma=1.5):
+    """Mean SSIM (Wang et al. 2004) of frames 1.. against the true clips: local
+    means, variances and covariance under a Gaussian window, per channel,
+    signal range 2 ([-1, 1]), averaged over the valid (unpadded) positions."""
+    x = rearrange(videos[:, 1:].double(), "b t c h w -> (b t) c h w")
+    y = rearrange(truth[:, 1:].double(), "b t c h w -> (b t) c h w")
+    channels = x.shape[1]
+    taps = torch.exp(-(torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2 / (2 * sigma ** 2))
+    kernel = torch.outer(taps, taps) / taps.sum() ** 2
+    kernel = kernel.expand(channels, 1, window, window).to(x.device)
+    blur = lambda image: torch.nn.functional.conv2d(image, kernel, groups=channels)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return index.mean().item()
+
+
 def diversity(videos_a, videos_b):
     """Mean absolute difference between two samples of the same first frames
     (different noise), frames 1..: near 0 is mode collapse."""

@@ -15,8 +15,8 @@ extra=("$@")
 mkdir -p checkpoints
 
 case $config in
-  tiny)  steps0=4000 batch0=128 steps1=2500 steps2=900 steps3=300 ;;
-  small) steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 ;;
+  tiny)  steps0=4000 batch0=128 steps1=2500 steps2=900 steps3=300 steps_fvd=1500 ;;
+  small) steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 steps_fvd=4000 ;;
   *) echo "error: config must be tiny or small, got '$config'" >&2; exit 1 ;;
 esac
 
@@ -40,4 +40,5 @@ stage dmd_joint runs/dmd_joint_$config $steps2 distill.py --controlled=true --ra
 for loss in hybrid diffusion adversarial; do
   stage fast_adapter_${loss}_controlnet runs/fast_adapter_${loss}_$config $steps3 hybrid_finetune.py --loss=$loss
 done
+stage video_encoder runs/video_encoder_$config $steps_fvd fvd.py --export=none  # FlashBench's FVD features
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"

@@ -1,7 +1,7 @@
 """Make a video from a scene with any method.
 
     python sample.py --steps 4                               # flashmotion, scenes/default.json
-    python sample.py --method teacher --steps 50 --guidance 2
+    python sample.py --method teacher --steps 50 --guidance 1   # no trajectory CFG (default 3)
     python sample.py --scene my_scene.json --seed 3 --out my.gif
     python sample.py --method naive --adapter lora --device cuda
 
@@ -33,7 +33,7 @@ def main(argv):
         seed=0,
         out="",                    # default: samples/<method>_<scene>.gif
         adapter="controlnet",      # controlnet | lora
-        guidance=1.0,              # trajectory guidance of the slow (Euler) methods
+        guidance=3.0,              # trajectory guidance (CFG) of the slow (Euler) methods, as bench.py
         config="tiny",
         checkpoints="checkpoints",
         device="cpu",

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import common
+import fvd
 import model as M
 from test_adapter import generator_checkpoint, micro_generator
 from test_hybrid import trained_looking_adapter
@@ -19,6 +20,11 @@ def micro_checkpoints(folder):
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
+    encoder = fvd.VideoEncoder(4, 16, width=8, feature_dim=8)
+    mean, cov = fvd.reference_statistics(encoder, "micro", 16, seed=1)
+    common.save_checkpoint(folder / "video_encoder_micro.pt", {
+        "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
+        "reference_mean": mean, "reference_cov": cov})
 
 
 def bench(*args):
@@ -36,9 +42,11 @@ def test_bench_runs_every_available_method_and_writes_json(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())["methods"]
     assert list(saved) == methods
     for name in methods:
-        assert {"miou", "box_iou", "center_err_px", "psnr", "nfe", "ms_per_video", "by_objects"} <= set(saved[name])
+        assert {"miou", "box_iou", "center_err_px", "fvd", "psnr", "ssim", "nfe", "ms_per_video",
+                "by_objects"} <= set(saved[name])
+        assert saved[name]["fvd"] >= 0 and -1 <= saved[name]["ssim"] <= 1
         assert len(saved[name]["by_objects"]) == 6 and 0 <= saved[name]["miou"] <= 1
-    assert saved["teacher"]["nfe"] == 3 and saved["naive"]["nfe"] == 4
+    assert saved["teacher"]["nfe"] == 6 and saved["naive"]["nfe"] == 4  # CFG: two calls per step
     assert (tmp_path / "b.gif").exists()
 
 
@@ -48,6 +56,9 @@ def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     assert result.returncode == 1 and "hybrid_finetune.py" in result.stderr and "Traceback" not in result.stderr
     result = bench(f"--checkpoints={tmp_path}", "--methods=best")
     assert result.returncode == 1 and "unknown method 'best'" in result.stderr
+    (tmp_path / "video_encoder_micro.pt").unlink()
+    result = bench(f"--checkpoints={tmp_path}", "--methods=naive")
+    assert result.returncode == 1 and "python fvd.py" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -92,7 +93,15 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
         moved = any(not torch.equal(ckpt["model"][k], adapter.state_dict()[k]) for k in ckpt["model"])
         assert moved, loss
         assert "held-out mIoU" in result.stdout + result.stderr
+    result = run(*paths, "--loss=diffusion", "--diffusion_steps=3", "--max_steps=3", "--sample_interval=0",
+                 f"--out_dir={tmp_path / 'late'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "late" / "log.jsonl")]
+    assert [r["k"] for r in log] == [3, 3, 3] and all("diffusion" in r for r in log)
     bad = run(*paths[:2], f"--adapter_ckpt={tmp_path / 'fast.pt'}", f"--out_dir={tmp_path / 'bad'}")
     assert bad.returncode == 1 and "expected 'slow_adapter'" in bad.stderr and "Traceback" not in bad.stderr
     bad = run(*paths, "--disc_blocks=0,9", f"--out_dir={tmp_path / 'bad'}")
     assert bad.returncode == 1 and "--disc_blocks" in bad.stderr
+    for flag in ("--disc_max_t=0", "--diffusion_steps=1,5", "--diffusion_steps=late"):
+        bad = run(*paths, flag, f"--out_dir={tmp_path / 'bad'}")
+        assert bad.returncode == 1 and flag.split("=")[0] in bad.stderr and not (tmp_path / "bad").exists()

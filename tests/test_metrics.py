@@ -61,3 +61,29 @@ def test_quality_statistics_see_the_failure_modes():
     assert metrics.clipped(torch.sign(truth)) == 1.0
     assert metrics.diversity(truth, truth) == 0 and metrics.diversity(truth, noisy) > 0
     assert set(metrics.quality(truth, truth, noisy)) == {"roughness", "motion", "clipped", "psnr", "diversity"}
+
+
+def test_ssim_is_one_for_the_truth_and_falls_with_noise_and_blur():
+    truth = scenes(4)["video"]
+    generator = torch.Generator().manual_seed(0)
+    noisy = [(truth + s * torch.randn(truth.shape, generator=generator)).clamp(-1, 1) for s in (0.05, 0.2)]
+    blurred = torch.nn.functional.avg_pool2d(truth.flatten(0, 1), 3, 1, 1).view_as(truth)
+    assert abs(metrics.ssim(truth, truth) - 1) < 1e-12
+    assert 1 > metrics.ssim(noisy[0], truth) > metrics.ssim(noisy[1], truth)
+    assert metrics.ssim(blurred, truth) < 0.95
+
+
+def test_ssim_of_one_window_matches_the_formula():
+    # A 7x7 frame holds exactly one 7x7 window: SSIM is the weighted-moment formula, written out here.
+    generator = torch.Generator().manual_seed(1)
+    x, y = (torch.rand(1, 2, 3, 7, 7, generator=generator, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    taps = torch.exp(-(torch.arange(7, dtype=torch.float64) - 3) ** 2 / (2 * 1.5 ** 2))
+    w = torch.outer(taps, taps) / taps.sum() ** 2
+    expected = []
+    for c in range(3):
+        a, b = x[0, 1, c], y[0, 1, c]
+        ma, mb = (w * a).sum(), (w * b).sum()
+        va, vb, cov = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+        c1, c2 = 0.02 ** 2, 0.06 ** 2
+        expected.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    assert abs(metrics.ssim(x, y) - torch.stack(expected).mean().item()) < 1e-10
