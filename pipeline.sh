@@ -40,5 +40,7 @@ stage dmd_joint runs/dmd_joint_$config $steps2 distill.py --controlled=true --ra
 for loss in hybrid diffusion adversarial; do
   stage fast_adapter_${loss}_controlnet runs/fast_adapter_${loss}_$config $steps3 hybrid_finetune.py --loss=$loss
 done
+stage fast_adapter_hybrid_lora runs/fast_adapter_hybrid_lora_$config $steps3 hybrid_finetune.py \
+  --adapter_ckpt=checkpoints/slow_adapter_lora_$config.pt
 stage video_encoder runs/video_encoder_$config $steps_fvd fvd.py --export=none  # FlashBench's FVD features
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"
