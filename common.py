@@ -41,6 +41,13 @@ def apply_overrides(config, argv):
     return config
 
 
+def require_at_least(opt, keys, minimum=1):
+    """Refuse counts below `minimum` (steps, batch sizes, intervals), naming the flag."""
+    for key in keys:
+        if getattr(opt, key) < minimum:
+            raise UserError(f"--{key} must be at least {minimum}")
+
+
 def script_settings(namespace, argv):
     """The plain-valued globals of a training script (its config block),
     overridden from the command line; the script does globals().update(...)."""

@@ -39,8 +39,8 @@ import adapter as A
 import data
 import model as M
 from common import (UserError, apply_overrides, autocast, check_ranks_in_sync, cleanup_distributed, ema_update,
-                    load_checkpoint, lr_at, noise_seed, open_log, refuse_overwrite, save_checkpoint,
-                    setup_distributed)
+                    load_checkpoint, lr_at, noise_seed, open_log, refuse_overwrite, require_at_least,
+                    save_checkpoint, setup_distributed)
 
 # The 4-step list, before the timestep shift: t = 1, 0.75, 0.5, 0.25 become
 # 1, 0.9, 0.75, 0.5 with shift 3 (most of the work is at high noise).
@@ -133,9 +133,7 @@ def main(argv):
     # ------------------------------------------------------------------------
     if opt.config not in data.CONFIGS:
         raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
-    for key in ("batch_size", "max_steps", "ratio", "ckpt_interval"):
-        if getattr(opt, key) < 1:
-            raise UserError(f"--{key} must be at least 1")
+    require_at_least(opt, ("batch_size", "max_steps", "ratio", "ckpt_interval"))
     if not 0 < opt.t_min < opt.t_max < 1:
         raise UserError("need 0 < --t_min < --t_max < 1")
     opt.teacher_ckpt = opt.teacher_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"

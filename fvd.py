@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 from common import (UserError, apply_overrides, export_checkpoint, load_checkpoint, lr_at, open_log,
-                    refuse_overwrite, save_checkpoint)
+                    refuse_overwrite, require_at_least, save_checkpoint)
 
 N_COLORS = len(data.OBJECT_COLORS)
 
@@ -167,9 +167,8 @@ def main(argv):
     # ------------------------------------------------------------------------
     if opt.config not in data.CONFIGS:
         raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
-    for key in ("batch_size", "max_steps", "ckpt_interval", "reference_clips"):
-        if getattr(opt, key) < 2:
-            raise UserError(f"--{key} must be at least 2")
+    require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval"))
+    require_at_least(opt, ("reference_clips",), 2)  # a covariance needs two clips
     shape = data.CONFIGS[opt.config]
     opt.out_dir = opt.out_dir or f"runs/video_encoder_{opt.config}"
     opt.export = opt.export or f"checkpoints/video_encoder_{opt.config}.pt"

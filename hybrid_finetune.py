@@ -58,8 +58,8 @@ import distill as D
 import metrics
 import model as M
 from common import (UserError, apply_overrides, autocast, check_ranks_in_sync, cleanup_distributed, ema_update,
-                    load_checkpoint, lr_at, noise_seed, open_log, refuse_overwrite, save_checkpoint,
-                    setup_distributed)
+                    load_checkpoint, lr_at, noise_seed, open_log, refuse_overwrite, require_at_least,
+                    save_checkpoint, setup_distributed)
 
 LOSSES = ("hybrid", "diffusion", "adversarial")
 
@@ -129,9 +129,7 @@ def main(argv):
         raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
     if opt.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{opt.loss}'")
-    for key in ("batch_size", "max_steps", "ckpt_interval", "disc_steps", "eval_scenes"):
-        if getattr(opt, key) < 1:
-            raise UserError(f"--{key} must be at least 1")
+    require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "disc_steps", "eval_scenes"))
     if not 0.02 < opt.disc_max_t <= 1:
         raise UserError(f"--disc_max_t must be in (0.02, 1], got {opt.disc_max_t}")
     try:
