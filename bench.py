@@ -4,6 +4,7 @@ every method, on the same held-out scenes, first frames and noise.
     python bench.py                                  # every method whose checkpoints exist
     python bench.py --methods=teacher,naive,flashmotion --scenes_per_count=8
     python bench.py --json=results.json --gif=docs/bench.gif
+    python bench.py --scenes=scenes/                 # every *.json scene file in a folder instead
 
 Methods (DESIGN.md), each a (generator, adapter, sampler) triple:
 
@@ -18,6 +19,7 @@ Methods (DESIGN.md), each a (generator, adapter, sampler) triple:
   flashmotion       fast generator + hybrid-finetuned adapter, 4 steps
 """
 
+import glob
 import os
 import sys
 import time
@@ -129,6 +131,25 @@ def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED):
     return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
 
+def scene_batch(paths, config, need_truth=False):
+    """Scene files -> one batch (data.collate's keys), every file read and checked
+    before anything is generated. need_truth refuses scenes with a first frame
+    of their own: they have no true clip and no object colours to measure."""
+    shape = data.CONFIGS[config]
+    samples = []
+    for path in paths:
+        scene = data.load_scene(path)  # refuses a bad scene, naming every wrong field
+        if (scene.size, scene.frames) != (shape["size"], shape["frames"]):
+            raise UserError(f"{path}: 'size' {scene.size} and 'frames' {scene.frames} must be "
+                            f"{shape['size']} and {shape['frames']} for the {config} models")
+        rendered = data.render(scene)
+        if need_truth and not rendered.has_video:
+            raise UserError(f"{path}: a scene with its own 'first_frame' has no true clip to measure against; "
+                            f"bench.py needs scenes drawn from objects (sample.py takes both)")
+        samples.append(data.to_sample(rendered, scene.size))
+    return data.collate(samples)
+
+
 def main(argv):
     opt = SimpleNamespace(**apply_overrides(dict(
         config="tiny",
@@ -136,6 +157,7 @@ def main(argv):
         adapter="controlnet",     # controlnet | lora: which adapter family the methods use
         checkpoints="checkpoints",
         scenes_per_count=8,       # held-out scenes per object count 1..6
+        scenes="",                # a folder: run its *.json scene files instead of the held-out scenes
         teacher_steps=50,
         guidance=3.0,             # trajectory CFG of the teacher, 50 and 4 steps (mIoU 0.30/0.43/0.45 at w=1/2/3)
         seed=0,
@@ -148,7 +170,15 @@ def main(argv):
                                                                                  opt.checkpoints).values())]
     if not names:
         raise UserError(f"no method has its checkpoints in {opt.checkpoints}/: run bash pipeline.sh {opt.config}")
-    scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
+    if opt.config not in data.CONFIGS:
+        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
+    if opt.scenes:
+        paths = sorted(glob.glob(os.path.join(opt.scenes, "*.json")))
+        if not paths:
+            raise UserError(f"--scenes: no *.json scene files in '{opt.scenes}'")
+        scenes = scene_batch(paths, opt.config, need_truth=True)
+    else:
+        scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
     encoder_path = os.path.join(opt.checkpoints, f"video_encoder_{opt.config}.pt")
     if not os.path.exists(encoder_path):
         raise UserError(f"FVD needs {encoder_path}, which is missing: make it with python fvd.py --config={opt.config}")
@@ -179,8 +209,10 @@ def main(argv):
                "diversity", "nfe", "ms_per_video"]
     real = metrics.quality(scenes["video"], scenes["video"])
     # The FVD floor: as many real clips as a method has, from other scenes of the same object counts.
-    real["fvd"] = fvd.fvd(encoder, reference, benchmark_scenes(opt.config, 2 * opt.scenes_per_count,
-                                                               seed=data.HELD_OUT_SEED + 100)["video"])
+    floor = (data.SpriteWorld(**data.CONFIGS[opt.config], batch_size=2 * len(scenes["video"]),
+                              seed=data.HELD_OUT_SEED + 100).batch(0) if opt.scenes else
+             benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=data.HELD_OUT_SEED + 100))
+    real["fvd"] = fvd.fvd(encoder, reference, floor["video"])
     print(f"| method | {' | '.join(columns)} |")
     print("|" + " --- |" * (len(columns) + 1))
     for name, r in results.items():
@@ -199,7 +231,9 @@ def main(argv):
         with open(opt.json, "w") as f:
             json.dump({"methods": results, "real": real, "settings": vars(opt)}, f, indent=1)
     if opt.gif:
-        picks = [i * opt.scenes_per_count for i in (0, 2, 4)]  # one scene with 1, 3 and 5 objects
+        # one scene with 1, 3 and 5 objects (a folder: its first three scenes)
+        picks = list(range(min(3, len(scenes["video"])))) if opt.scenes else [i * opt.scenes_per_count
+                                                                             for i in (0, 2, 4)]
         rows = []
         for i in picks:
             boxes = scenes["boxes"][i, :int(scenes["n_objects"][i])].numpy()

@@ -38,17 +38,15 @@ def main(argv):
         checkpoints="checkpoints",
         device="cpu",
     ), argv))
+    if opt.config not in data.CONFIGS:
+        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
     if opt.adapter not in ("controlnet", "lora"):
         raise UserError(f"--adapter must be controlnet or lora, got '{opt.adapter}'")
     if opt.device not in ("cpu", "cuda") or (opt.device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device must be cpu or cuda (with a GPU), got '{opt.device}'")
     if opt.steps < 0:
         raise UserError(f"--steps must be positive, got {opt.steps}")
-    scene = data.load_scene(opt.scene)  # refuses a bad scene, naming every wrong field
-    shape = data.CONFIGS[opt.config]
-    if (scene.size, scene.frames) != (shape["size"], shape["frames"]):
-        raise UserError(f"{opt.scene}: 'size' {scene.size} and 'frames' {scene.frames} must be "
-                        f"{shape['size']} and {shape['frames']} for the {opt.config} models")
+    sample = bench.scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
     torch.set_grad_enabled(False)
     device = torch.device(opt.device)
     model, sampler = bench.load_method(opt.method, opt.config, opt.adapter, opt.checkpoints, device)
@@ -56,7 +54,6 @@ def main(argv):
     if sampler == "few-step" and steps != 4:
         raise UserError(f"method '{opt.method}' is a 4-step model: --steps must be 4 (or left out)")
 
-    sample = data.collate([data.to_sample(data.render(scene), scene.size)])
     video, seconds = bench.run_method(model, sampler, {k: v.to(device) for k, v in sample.items()}, steps,
                                       opt.guidance, opt.seed)
     boxes = sample["boxes"][0, :int(sample["n_objects"][0])].numpy()

@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import imageio.v3 as iio
+import numpy as np
+
 import common
 import fvd
 import model as M
@@ -66,3 +69,30 @@ def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):
     common.export_checkpoint(tmp_path / "fast_generator_micro.pt", tmp_path / "slim.pt")
     slim = common.load_checkpoint(tmp_path / "slim.pt", kind="fast_generator")
     assert "optimizer" not in slim and slim["parent"] == "slow-run" and "ema" in slim
+
+
+def micro_scene(path, objects, **extra):
+    path.write_text(json.dumps({"size": 16, "frames": 4, "background": {"kind": "solid", "seed": 1},
+                                "objects": objects, **extra}))
+
+
+def test_scene_folder_runs_its_files_and_refuses_what_it_cannot_measure(tmp_path):
+    micro_checkpoints(tmp_path)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    circle = {"shape": "circle", "color": [230, 40, 40], "size": 4, "path": [[3, 3], [12, 12]]}
+    square = {"shape": "square", "color": [40, 200, 60], "size": 4, "path": [[12, 3], [3, 12]]}
+    cross = {"shape": "cross", "color": [50, 90, 240], "size": 5, "path": [[8, 2], [8, 13]]}
+    micro_scene(folder / "a.json", [circle])
+    micro_scene(folder / "b.json", [square, cross])
+    result = bench(f"--checkpoints={tmp_path}", f"--scenes={folder}", "--methods=naive",
+                   f"--json={tmp_path / 'r.json'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "r.json").read_text())["methods"]["naive"]
+    assert sorted(saved["by_objects"]) == ["1", "2"]  # the two files' object counts, nothing else
+    assert bench(f"--checkpoints={tmp_path}", f"--scenes={tmp_path / 'none'}").returncode == 1
+    iio.imwrite(folder / "first.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    micro_scene(folder / "c.json", [{"boxes": [[2, 2, 6, 6]] * 4}], first_frame="first.png")
+    result = bench(f"--checkpoints={tmp_path}", f"--scenes={folder}", "--methods=naive")
+    assert result.returncode == 1 and "c.json" in result.stderr and "first_frame" in result.stderr
+    assert "Traceback" not in result.stderr
