@@ -5,6 +5,7 @@ every method, on the same held-out scenes, first frames and noise.
     python bench.py --methods=teacher,naive,flashmotion --scenes_per_count=8
     python bench.py --json=results.json --gif=docs/bench.gif
     python bench.py --scenes=scenes/                 # every *.json scene file in a folder instead
+                                                     # (FVD of a few clips is mostly noise: see its real row)
 
 Methods (DESIGN.md), each a (generator, adapter, sampler) triple:
 
