@@ -107,7 +107,7 @@ def main(argv):
         disc_blocks="1,3,5",       # backbone blocks whose features the discriminator heads read
         out_dir="",                # default: runs/fast_adapter_<loss>_<config>
         batch_size=8,
-        max_steps=600,
+        max_steps=300,
         stop_at=0,
         lr=1e-4,                   # adapter
         lr_disc=2e-3,              # discriminator heads
