@@ -27,6 +27,14 @@ def generator_checkpoint(path, generator, run_id):
     return common.load_checkpoint(path)
 
 
+def adapter_checkpoint(path, adapter, generator, parent, run_id="adapter-run", parent_path="slow.pt"):
+    """A slow-adapter checkpoint of `adapter`, trained (as far as it says) on run `parent`."""
+    common.save_checkpoint(path, {
+        "kind": "slow_adapter", "run_id": run_id, "parent": parent, "parent_path": parent_path,
+        "generator_config": M.config_dict(generator), "adapter_config": adapter.config(),
+        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+
+
 @pytest.mark.parametrize("kind", A.ADAPTERS)
 def test_fresh_adapter_is_exactly_the_generator(kind):
     generator = micro_generator()
@@ -98,10 +106,8 @@ def test_checkpoint_round_trip_and_wrong_generator_refused(kind, tmp_path):
     adapter = A.build_adapter(kind, generator)
     for p in adapter.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    common.save_checkpoint(tmp_path / "adapter.pt", {
-        "kind": "slow_adapter", "run_id": "x", "parent": "run-a", "parent_path": str(tmp_path / "gen.pt"),
-        "generator_config": M.config_dict(generator), "adapter_config": adapter.config(),
-        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    adapter_checkpoint(tmp_path / "adapter.pt", adapter, generator, "run-a", run_id="x",
+                       parent_path=str(tmp_path / "gen.pt"))
     ckpt = common.load_checkpoint(tmp_path / "adapter.pt", kind="slow_adapter")
     loaded = A.adapter_from_checkpoint(ckpt, generator, parent)
     batch = micro_batch()

@@ -8,7 +8,7 @@ import numpy as np
 import common
 import fvd
 import model as M
-from test_adapter import generator_checkpoint, micro_generator
+from test_adapter import adapter_checkpoint, generator_checkpoint, micro_generator
 from test_hybrid import trained_looking_adapter
 
 
@@ -16,10 +16,7 @@ def micro_checkpoints(folder):
     slow = micro_generator()
     generator_checkpoint(folder / "slow_generator_micro.pt", slow, "slow-run")
     adapter = trained_looking_adapter(slow)
-    common.save_checkpoint(folder / "slow_adapter_controlnet_micro.pt", {
-        "kind": "slow_adapter", "run_id": "adapter-run", "parent": "slow-run", "parent_path": "slow.pt",
-        "generator_config": M.config_dict(slow), "adapter_config": adapter.config(),
-        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    adapter_checkpoint(folder / "slow_adapter_controlnet_micro.pt", adapter, slow, "slow-run")
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})

@@ -6,7 +6,7 @@ import torch
 import common
 import distill as D
 import model as M
-from test_adapter import generator_checkpoint, micro_batch, micro_generator
+from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
 
 def test_dmd_gradient_is_fake_minus_real_over_the_normaliser():
@@ -92,10 +92,7 @@ def test_controlled_mode_distils_generator_and_adapter_together(tmp_path):
     slow = micro_generator()
     generator_checkpoint(tmp_path / "slow.pt", slow, "slow-run")
     adapter = trained_looking_adapter(slow)
-    common.save_checkpoint(tmp_path / "adapter.pt", {
-        "kind": "slow_adapter", "run_id": "adapter-run", "parent": "slow-run", "parent_path": "slow.pt",
-        "generator_config": M.config_dict(slow), "adapter_config": adapter.config(),
-        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    adapter_checkpoint(tmp_path / "adapter.pt", adapter, slow, "slow-run")
     result = run_distill(f"--teacher_ckpt={tmp_path / 'slow.pt'}", "--controlled=true",
                          f"--adapter_ckpt={tmp_path / 'adapter.pt'}", "--max_steps=4", "--sample_interval=4",
                          f"--out_dir={tmp_path / 'joint'}")

@@ -9,7 +9,7 @@ import common
 import distill as D
 import hybrid_finetune as H
 import model as M
-from test_adapter import generator_checkpoint, micro_batch, micro_generator
+from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
 
 def trained_looking_adapter(generator, seed=0):
@@ -75,10 +75,7 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
     adapter = trained_looking_adapter(slow)
-    common.save_checkpoint(tmp_path / "adapter.pt", {
-        "kind": "slow_adapter", "run_id": "adapter-run", "parent": "slow-run", "parent_path": "slow.pt",
-        "generator_config": M.config_dict(slow), "adapter_config": adapter.config(),
-        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+    adapter_checkpoint(tmp_path / "adapter.pt", adapter, slow, "slow-run")
     paths = [f"--slow_generator_ckpt={tmp_path / 'slow.pt'}", f"--fast_generator_ckpt={tmp_path / 'fast.pt'}",
              f"--adapter_ckpt={tmp_path / 'adapter.pt'}"]
     run = lambda *args: subprocess.run([sys.executable, "hybrid_finetune.py", "--config=micro", "--batch_size=2",
