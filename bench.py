@@ -165,14 +165,14 @@ def main(argv):
         json="",
         gif="",
     ), argv))
+    if opt.config not in data.CONFIGS:
+        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
     torch.set_grad_enabled(False)
     names = opt.methods.split(",") if opt.methods else [
         m for m in METHODS if all(os.path.exists(p) for p in checkpoint_paths(m, opt.config, opt.adapter,
                                                                                  opt.checkpoints).values())]
     if not names:
         raise UserError(f"no method has its checkpoints in {opt.checkpoints}/: run bash pipeline.sh {opt.config}")
-    if opt.config not in data.CONFIGS:
-        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
     if opt.scenes:
         paths = sorted(glob.glob(os.path.join(opt.scenes, "*.json")))
         if not paths:

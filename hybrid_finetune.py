@@ -94,6 +94,18 @@ def generator_adversarial_loss(logits_fake):
     return F.softplus(-logits_fake).mean()
 
 
+def index_list(opt, key, count, what):
+    """A flag like --disc_blocks=1,3,5 as a list of ints, each in 0..count-1."""
+    text = getattr(opt, key)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not 0 <= v < count for v in values):
+        raise UserError(f"--{key} must be comma-separated {what} in 0..{count - 1}, got '{text}'")
+    return values
+
+
 def main(argv):
     # ------------------------------------------------------------ config ----
     opt = SimpleNamespace(**apply_overrides(dict(
@@ -132,19 +144,8 @@ def main(argv):
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "disc_steps", "eval_scenes"))
     if not 0.02 < opt.disc_max_t <= 1:
         raise UserError(f"--disc_max_t must be in (0.02, 1], got {opt.disc_max_t}")
-    try:
-        disc_blocks = [int(b) for b in opt.disc_blocks.split(",")]
-    except ValueError:
-        raise UserError(f"--disc_blocks must be comma-separated block numbers, got '{opt.disc_blocks}'") from None
-    try:
-        diffusion_steps = {int(k) for k in opt.diffusion_steps.split(",")}
-    except ValueError:
-        raise UserError(f"--diffusion_steps must be comma-separated steps 0..3, got '{opt.diffusion_steps}'") from None
-    if not diffusion_steps or not diffusion_steps <= set(range(len(D.FAST_TIMES))):
-        raise UserError(f"--diffusion_steps must name steps 0..{len(D.FAST_TIMES) - 1}, got '{opt.diffusion_steps}'")
-    depth = M.config_for(opt.config).depth
-    if not disc_blocks or any(not 0 <= b < depth for b in disc_blocks):
-        raise UserError(f"--disc_blocks must name blocks 0..{depth - 1}, got '{opt.disc_blocks}'")
+    disc_blocks = index_list(opt, "disc_blocks", M.config_for(opt.config).depth, "blocks")
+    diffusion_steps = set(index_list(opt, "diffusion_steps", len(D.FAST_TIMES), "steps"))
     opt.fast_generator_ckpt = opt.fast_generator_ckpt or f"checkpoints/fast_generator_{opt.config}.pt"
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
     opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_{opt.config}.pt"

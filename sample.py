@@ -14,7 +14,6 @@ an ffmpeg plugin. The same seed gives the same video.
 
 import os
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
