@@ -26,6 +26,7 @@ them against every SDPA backend.
 """
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -167,23 +168,25 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         Q += b * sqb + h * sqh
         DO += b * sdob + h * sdoh
-        k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
         v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        k_t = _load_tile_t(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
         for start_m in range(0, N, BLOCK_M):
             rows = start_m + offs_m
-            q_t = _load_tile_t(Q, rows, offs_d, sqn, sqd, N)
+            q = _load_tile(Q, rows, offs_d, sqn, sqd, N)
             do = _load_tile(DO, rows, offs_d, sdon, sdod, N)
             lse = tl.load(LSE + pid_bh * N + rows, mask=rows < N, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(DELTA + pid_bh * N + rows, mask=rows < N, other=0.0)
-            # P^T rebuilt from the saved lse: (BLOCK_N, BLOCK_M)
-            p_t = tl.exp2(_dot(k, q_t, PRECISION) * qk_scale - lse[None, :])
+            # P rebuilt from the saved lse with the forward's very product q k^T, then
+            # transposed: (BLOCK_N, BLOCK_M). k q^T rounds differently, and at large
+            # logits that rounding, times the logit's size, shows in P (and dV).
+            p_t = tl.trans(tl.exp2(_dot(q, k_t, PRECISION) * qk_scale - lse[:, None]))
             p_t = tl.where(offs_n[:, None] < N, p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)        # (dO V^T)^T
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), PRECISION)
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
         grad_offsets = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
         tl.store(DK + grad_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
         tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
@@ -321,6 +324,8 @@ def benchmark():
 
 
 if __name__ == "__main__":
+    from common import parse_flags
+    parse_flags({}, sys.argv[1:], __doc__)  # no flags: --help prints the docstring, anything else is refused
     if torch.cuda.is_available() and HAS_TRITON:
         benchmark()
     elif HAS_TRITON and interpreting():
