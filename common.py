@@ -1,15 +1,21 @@
-"""Small pieces every training script shares: config overrides, checkpoints,
-devices, DDP, EMA and the learning-rate schedule. Kept short on purpose."""
+"""The small habits every script shares: flags, checkpoints, the run helper
+(resume, atomic save, log, progress bar), DDP, EMA and the lr schedule."""
 
 import contextlib
 import json
 import math
 import os
 import tempfile
+import time
+import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 
 class UserError(SystemExit):
@@ -20,59 +26,90 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-# ---------------------------------------------------------------- config ----
+# ----------------------------------------------------------------- flags ----
 
-def apply_overrides(config, argv):
-    """nanoGPT-style `--key=value` (or `--key value`) overrides of a dict of defaults, type-checked
-    against the default's type. Returns the updated dict."""
-    config = dict(config)
+def parse_flags(flags, argv, doc):
+    """A script's flags, {name: (default, one line of help)}, overridden by
+    `--key=value` or `--key value` and type-checked against the default. A
+    default that is a type (`int`) makes the flag optional: None unless given.
+    `--help` prints the script's docstring and its flags, then exits."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(flags, doc))
+        raise SystemExit(0)
+    values = {name: None if isinstance(default, type) else default for name, (default, _) in flags.items()}
     argv = list(argv)
     while argv:
         arg = argv.pop(0)
         if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--"):
             arg = f"{arg}={argv.pop(0)}"  # `--key value` reads as `--key=value`
         if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"expected --key=value or --key value, got '{arg}'")
-        key, value = arg[2:].split("=", 1)
-        if key not in config:
-            known = ", ".join(sorted(config))
-            raise UserError(f"unknown option --{key} (known: {known})")
-        config[key] = parse_value(key, value, config[key])
-    return config
+            raise UserError(f"expected --key=value or --key value, got '{arg}' (--help lists the flags)")
+        key, text = arg[2:].split("=", 1)
+        if key not in flags:
+            raise UserError(f"unknown option --{key} (known: {', '.join(sorted(flags))})")
+        default = flags[key][0]
+        values[key] = parse_value(key, text, default if isinstance(default, type) else type(default))
+    return SimpleNamespace(**values)
 
 
-def require_at_least(opt, keys, minimum=1):
-    """Refuse counts below `minimum` (steps, batch sizes, intervals), naming the flag."""
-    for key in keys:
-        if getattr(opt, key) < minimum:
-            raise UserError(f"--{key} must be at least {minimum}")
-
-
-def script_settings(namespace, argv):
-    """The plain-valued globals of a training script (its config block),
-    overridden from the command line; the script does globals().update(...)."""
-    defaults = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-    return apply_overrides(defaults, argv)
-
-
-def parse_value(key, text, default):
-    kind = type(default)
+def parse_value(key, text, kind):
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             return text.lower() in ("true", "1")
         if kind is int:
-            return int(text)
+            value = int(text)
+            if key == "seed" and not 0 <= value < 2 ** 32:  # torch and numpy seeds, with room for offsets
+                raise UserError(f"--seed must be a whole number from 0 to {2 ** 32 - 1}, got '{text}'")
+            return value
         if kind is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise UserError(f"--{key} must be a finite number, got '{text}'")
+            return value
         return text
     except ValueError:
         expected = {int: "a whole number", float: "a number", bool: "true or false"}[kind]
         raise UserError(f"--{key} must be {expected}, got '{text}'") from None
 
 
+def usage(flags, doc):
+    lines = [doc.strip(), "", "flags (--key=value or --key value):"]
+    for name, (default, help_line) in flags.items():
+        shown = "(not set)" if isinstance(default, type) else default
+        lines.append(f"  --{name}={shown}".ljust(34) + f" {help_line}")
+    return "\n".join(lines)
+
+
+def require_at_least(opt, keys, minimum=1):
+    """Refuse counts below `minimum` (steps, batch sizes, intervals), naming the flag."""
+    for key in keys:
+        value = getattr(opt, key)
+        if value is not None and value < minimum:
+            raise UserError(f"--{key} must be at least {minimum}, got {value}")
+
+
+def require_one_of(opt, key, choices):
+    if getattr(opt, key) not in choices:
+        raise UserError(f"--{key} must be one of {', '.join(choices)}, got '{getattr(opt, key)}'")
+
+
 # ----------------------------------------------------------- checkpoints ----
+
+# The command that makes each shipped checkpoint (by file-name prefix), for error messages.
+MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_adapter.py",
+           "fast_generator": "python distill.py", "dmd_joint": "python distill.py --controlled=true",
+           "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python fvd.py"}
+
+
+def how_to_make(path):
+    name = os.path.basename(str(path))
+    for prefix, command in MADE_BY.items():
+        if name.startswith(prefix):
+            return f"make it with {command} (then export its ckpt.pt there), or bash pipeline.sh"
+    return "it is written by the script that trained it (README: each stage's command)"
+
 
 def save_checkpoint(path, payload):
     """Write atomically: a temp file in the same folder, then rename. A run killed
@@ -94,18 +131,126 @@ def save_checkpoint(path, payload):
 
 def load_checkpoint(path, kind=None, map_location="cpu"):
     """Load a checkpoint dict safely (weights_only) and check what it is."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}; {how_to_make(path)}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding code
+        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:120]
+        raise UserError(f"{path} is not a readable checkpoint ({reason}); {how_to_make(path)}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project; {how_to_make(path)}")
     if kind is not None and ckpt.get("kind") != kind:
         raise UserError(f"{path} holds a '{ckpt.get('kind')}' checkpoint, expected '{kind}'")
     return ckpt
 
 
-def refuse_overwrite(ckpt_path, resume):
-    """A finished or running run is never overwritten by accident."""
-    if os.path.exists(ckpt_path) and not resume:
-        raise UserError(f"{ckpt_path} exists: pass --resume=true to continue it, or choose another --out_dir")
+TRAINING_STATE = ("model", "optimizer", "opt_generator", "opt_fake", "fake_score", "opt_adapter", "opt_disc",
+                  "disc_heads")
+
+
+def export_checkpoint(src, dst):
+    """A run's checkpoint without what only training needs (raw weights,
+    optimizers, fake score, discriminator heads): the EMA weights and the
+    metadata that tie it to its parents. This is what checkpoints/ ships."""
+    ckpt = load_checkpoint(src)
+    save_checkpoint(dst, {key: value for key, value in ckpt.items() if key not in TRAINING_STATE})
+
+
+# ------------------------------------------------------------------- run ----
+
+class Run:
+    """The plumbing of one training run in `opt.out_dir`, the same for every
+    stage: refuse to overwrite, resume from `ckpt.pt`, DDP set-up, the data
+    loader, an atomic checkpoint, `log.jsonl` and the progress bar.
+
+        run = Run(opt, kind="slow_generator")       # run.saved: the checkpoint to resume, or None
+        run.restore(model=raw_model, ema=ema_model)  # its state, by checkpoint key
+        for step in run.steps("stage 0"):            # step: 0-based index of the step being trained
+            ...                                      # run.step: steps done once this one is
+            if run.due(opt.ckpt_interval): run.save(raw_model, ema=...)
+            run.log({"loss": ...}, clips=batch_size)
+
+    The data and noise of step s are pure functions of (seed, rank, s), so
+    resuming needs no RNG state and replays exactly what an uninterrupted run sees."""
+
+    def __init__(self, opt, kind):
+        self.opt, self.kind = opt, kind
+        self.path = os.path.join(opt.out_dir, "ckpt.pt")
+        if os.path.exists(self.path) and not opt.resume:
+            raise UserError(f"{self.path} exists: pass --resume=true to continue it, or choose another --out_dir")
+        self.rank, self.world_size, self.device = setup_distributed()
+        self.master = self.rank == 0
+        torch.manual_seed(opt.seed)  # identical initial weights on every rank
+        self.step, self.run_id, self.saved = 0, uuid.uuid4().hex[:12], None
+        if os.path.exists(self.path):
+            self.saved = load_checkpoint(self.path, kind=kind, map_location=self.device)
+            self.step, self.run_id = self.saved["step"], self.saved["run_id"]
+        elif opt.resume and self.master:
+            print(f"no checkpoint at {self.path}: starting from scratch")
+        self.end = min(opt.stop_at or opt.max_steps, opt.max_steps)
+
+    def restore(self, **parts):
+        """Load each part (a module or an optimizer) from the checkpoint key of its name."""
+        if self.saved is not None:
+            for key, part in parts.items():
+                part.load_state_dict(self.saved[key])
+            self.saved = None  # free the memory
+
+    def wrap(self, module):
+        """torch.compile after loading and before the DDP wrap (nanoGPT's order)."""
+        module = torch.compile(module) if self.opt.compile else module
+        if self.world_size > 1:
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return module
+
+    def batches(self, stream):
+        """An endless iterator over a data.BatchStream, rendered by `num_workers` processes."""
+        workers = self.opt.num_workers
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0))
+
+    def steps(self, desc):
+        os.makedirs(self.opt.out_dir, exist_ok=True)
+        self.log_file = open_log(self.opt.out_dir, self.step) if self.master else None
+        self.bar = tqdm(total=self.end, initial=self.step, disable=not self.master, desc=desc, dynamic_ncols=True)
+        self.last_time = time.time()
+        while self.step < self.end:
+            self.step += 1
+            yield self.step - 1
+        self.bar.close()
+        if self.master:
+            print(f"{'done' if self.step == self.opt.max_steps else 'stopped'}: {self.path} "
+                  f"at step {self.step}/{self.opt.max_steps}")
+        cleanup_distributed()
+
+    def due(self, interval):
+        """True every `interval` steps and at the last step of this session."""
+        return interval > 0 and (self.step % interval == 0 or self.step == self.end)
+
+    def save(self, trained, /, **payload):
+        """All ranks check that the `trained` module's weights agree; rank 0 writes the checkpoint."""
+        check_ranks_in_sync(trained)
+        if self.master:
+            save_checkpoint(self.path, {"kind": self.kind, "run_id": self.run_id, "step": self.step,
+                                        "train_config": vars(self.opt), **payload})
+
+    def log(self, record, clips):
+        """One line of log.jsonl and the progress bar, with the throughput of the step."""
+        now = time.time()
+        record = {"step": self.step, **record, "samples_per_s": round(clips * self.world_size /
+                                                                      (now - self.last_time), 2),
+                  "time": round(now, 1)}
+        self.last_time = now
+        self.bar.update(1)
+        self.bar.set_postfix({k: v for k, v in record.items() if isinstance(v, float) and k != "time"})
+        if self.master:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def write(self, message):
+        """A line of text above the progress bar (rank 0)."""
+        if self.master:
+            self.bar.write(message)
 
 
 def open_log(out_dir, step):
@@ -122,18 +267,6 @@ def noise_seed(seed, rank, index):
     """Seed of the noise, timesteps and dropout of micro-batch `index`, keyed
     like its data: resuming needs no RNG state."""
     return int(np.random.SeedSequence([seed, rank, index]).generate_state(1)[0])
-
-
-TRAINING_STATE = ("model", "optimizer", "opt_generator", "opt_fake", "fake_score", "opt_adapter", "opt_disc",
-                  "disc_heads")
-
-
-def export_checkpoint(src, dst):
-    """A run's checkpoint without what only training needs (raw weights,
-    optimizers, fake score, discriminator heads): the EMA weights and the
-    metadata that tie it to its parents. This is what checkpoints/ ships."""
-    ckpt = load_checkpoint(src)
-    save_checkpoint(dst, {key: value for key, value in ckpt.items() if key not in TRAINING_STATE})
 
 
 # ------------------------------------------------------------ devices/DDP ----
@@ -180,9 +313,11 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def print0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs)
+def pick_device(name):
+    """--device=cpu|cuda, refused when CUDA is asked for and there is none."""
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device must be cpu or cuda (with a GPU), got '{name}'")
+    return torch.device(name)
 
 
 # ------------------------------------------------------- optimisation -------
@@ -195,7 +330,18 @@ def lr_at(step, base_lr, warmup, max_steps, min_ratio=0.1):
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
     for ema_p, p in zip(ema_model.parameters(), model.parameters()):
         ema_p.lerp_(p.detach(), 1 - decay)
+
+
+def ema_decay_at(step, decay):
+    """The EMA warms up: short runs average over their few steps, not over the initial weights."""
+    return min(decay, (1 + step) / (10 + step))

@@ -1,17 +1,19 @@
 """The sprite world: procedural videos of coloured shapes moving over quiet
-backgrounds, with the exact mask and box of every object in every frame, the
-trajectory conditions of the MagicMotion/FlashMotion family (mask maps and box
-maps), scene files (JSON) and folders of the user's own clips.
+backgrounds, with the exact mask and box of every object in every frame, and
+the trajectory conditions of the MagicMotion/FlashMotion family (mask maps and
+box maps); the endless seeded stream of them; and writing clips as GIF/MP4.
+Scene files and folders of your own clips are read by scenes.py.
 
 Conventions. Pixel coordinates, origin top-left, x to the right; pixel (row i,
 column j) has its centre at (j + 0.5, i + 0.5). A box is [x0, y0, x1, y1] with
 the object covering columns x0 <= x < x1 and rows y0 <= y < y1. Objects are
 listed back to front: a later object occludes an earlier one.
 
-`python data.py` writes a preview GIF of random scenes with their boxes drawn.
+    python data.py                     # previews/data.gif: random scenes, boxes drawn, with their maps
+    python data.py --config=small --n=4 --out=preview.gif
 """
 
-import json
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,14 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common import UserError, apply_overrides
-
-# Video sizes by config name (frames, pixels). `micro` exists for the tests.
-CONFIGS = {
-    "micro": dict(frames=4, size=16),
-    "tiny": dict(frames=16, size=32),   # CPU default, shipped checkpoints
-    "small": dict(frames=16, size=64),  # one GPU
-}
+from common import UserError, parse_flags, require_at_least, require_one_of
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 BACKGROUNDS = ("solid", "gradient", "noise", "stripes")
@@ -338,232 +333,6 @@ class SpriteWorld(BatchStream):
         return to_sample(render(random_scene(rng, self.frames, self.size, self.n_objects)), self.size)
 
 
-class ClipFolder(BatchStream):
-    """The user's own clips: every `name.mp4` / `name.gif` in a folder beside a
-    `name.json` of per-frame boxes per object, in the clip's pixel coordinates:
-    {"objects": [{"boxes": [[x0, y0, x1, y1], ...one per frame]}, ...]}.
-    Clips are resized to a square of `size` and `frames` frames are taken
-    evenly; masks are the filled boxes (no segmentation is given). Batches
-    draw clips at random, with replacement."""
-
-    def __init__(self, folder, frames, size, batch_size, seed=0, rank=0, start=0):
-        super().__init__(batch_size, seed, rank, start)
-        if not os.path.isdir(folder):
-            raise UserError(f"clip folder not found: {folder}")
-        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                            if f.lower().endswith((".mp4", ".gif")))
-        if not self.paths:
-            raise UserError(f"{folder}: no .mp4 or .gif clips")
-        self.frames, self.size = frames, size
-        self.cache = {}
-
-    def sample(self, rng):
-        path = self.paths[rng.integers(len(self.paths))]
-        if path not in self.cache:
-            self.cache[path] = to_sample(load_clip(path, self.frames, self.size), self.size)
-        return self.cache[path]
-
-
-def load_clip(path, frames, size):
-    boxes_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.exists(boxes_path):
-        raise UserError(f"{path}: no boxes file {boxes_path} beside it")
-    try:
-        clip = np.asarray(iio.imread(path, index=None))  # (T, H, W, C)
-    except Exception as e:  # imageio names the missing plugin (e.g. for mp4)
-        raise UserError(f"{path}: cannot read video ({e})") from None
-    if clip.ndim == 3:
-        clip = clip[..., None].repeat(3, -1)
-    clip = clip[..., :3].astype(np.float32) / 255
-    T0, H0, W0 = clip.shape[:3]
-    spec = read_json(boxes_path)
-    objects = spec.get("objects") if isinstance(spec, dict) else None
-    if not isinstance(objects, list) or not 1 <= len(objects) <= MAX_OBJECTS:
-        raise UserError(f"{boxes_path}: 'objects' must be a list of 1 to {MAX_OBJECTS} objects")
-    boxes = []
-    for k, obj in enumerate(objects):
-        b = np.asarray(obj.get("boxes", []) if isinstance(obj, dict) else [], dtype=np.float32)
-        if b.shape != (T0, 4):
-            raise UserError(f"{boxes_path}: objects[{k}].boxes must hold {T0} boxes [x0, y0, x1, y1], "
-                            f"one per frame of the clip")
-        boxes.append(b)
-    keep = np.linspace(0, T0 - 1, frames).round().astype(int)
-    video = torch.from_numpy(rearrange(clip[keep], "t h w c -> t c h w"))
-    video = F.interpolate(video, size=(size, size), mode="area" if H0 >= size else "bilinear")
-    boxes = np.stack(boxes)[:, keep] * np.array([size / W0, size / H0] * 2, dtype=np.float32)
-    boxes = np.clip(boxes, 0, size)
-    first_frame = rearrange(video[0].clamp(0, 1).numpy(), "c h w -> h w c")
-    rendered = render_user_scene(Scene(size, frames, first_frame=first_frame, user_boxes=boxes))
-    rendered.video = rearrange(video.clamp(0, 1).numpy(), "t c h w -> t h w c")
-    rendered.has_video = True
-    return rendered
-
-
-# ------------------------------------------------------------- scene files --
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-
-
-def load_scene(path):
-    """Read, validate and interpret a scene file. Every problem is collected and
-    reported together, each with the field it concerns; nothing is rendered
-    from a scene that is wrong anywhere."""
-    return parse_scene(read_json(path), base_dir=os.path.dirname(os.path.abspath(path)), name=path)
-
-
-def parse_scene(spec, base_dir=".", name="scene"):
-    errors = []
-    err = errors.append
-    if not isinstance(spec, dict):
-        raise UserError(f"{name}: a scene must be a JSON object")
-    for key in spec:
-        if key not in ("size", "frames", "background", "objects", "first_frame"):
-            err(f"'{key}': unknown field (known: size, frames, background, objects, first_frame)")
-    size, frames = spec.get("size"), spec.get("frames")
-    if not is_int(size) or not 8 <= size <= 512:
-        err("'size': must be a whole number of pixels from 8 to 512")
-        size = None
-    if not is_int(frames) or not 2 <= frames <= 256:
-        err("'frames': must be a whole number from 2 to 256")
-        frames = None
-
-    background = spec.get("background", {"kind": "solid", "seed": 0})
-    if not isinstance(background, dict):
-        err("'background': must be an object like {\"kind\": \"gradient\", \"seed\": 3}")
-    else:
-        for key in background:
-            if key not in ("kind", "seed", "color"):
-                err(f"'background.{key}': unknown field (known: kind, seed, color)")
-        if background.get("kind") not in BACKGROUNDS:
-            err(f"'background.kind': must be one of {', '.join(BACKGROUNDS)}")
-        if not is_int(background.get("seed", 0)):
-            err("'background.seed': must be a whole number")
-        if "color" in background and not is_color(background["color"]):
-            err("'background.color': must be [r, g, b] with each value 0..255")
-
-    first_frame = None
-    user_image = "first_frame" in spec
-    if user_image:
-        image_path = spec["first_frame"]
-        if not isinstance(image_path, str):
-            err("'first_frame': must be the path of an image file")
-        elif size is not None:
-            first_frame = read_first_frame(os.path.join(base_dir, image_path), size, err)
-
-    objects = spec.get("objects")
-    parsed, user_boxes = [], []
-    if not isinstance(objects, list) or not 1 <= len(objects) <= MAX_OBJECTS:
-        err(f"'objects': must be a list of 1 to {MAX_OBJECTS} objects")
-        objects = []
-    for k, obj in enumerate(objects):
-        where = f"objects[{k}]"
-        if not isinstance(obj, dict):
-            err(f"'{where}': must be an object")
-            continue
-        if user_image:
-            user_boxes.append(parse_user_boxes(obj, where, size, frames, err))
-        else:
-            parsed.append(parse_object(obj, where, size, frames, err))
-
-    if errors:
-        raise UserError(f"{name}: " + "; ".join(errors))
-    scene = Scene(size=size, frames=frames, background=background, objects=parsed)
-    if user_image:
-        scene.first_frame, scene.user_boxes = first_frame, np.stack(user_boxes)
-    return scene
-
-
-def parse_object(obj, where, size, frames, err):
-    for key in obj:
-        if key not in ("shape", "color", "size", "path"):
-            err(f"'{where}.{key}': unknown field (known: shape, color, size, path)")
-    if obj.get("shape") not in SHAPES:
-        err(f"'{where}.shape': must be one of {', '.join(SHAPES)}")
-    if not is_color(obj.get("color")):
-        err(f"'{where}.color': must be [r, g, b] with each value 0..255")
-    obj_size = obj.get("size")
-    if not is_number(obj_size) or size is not None and not 2 <= obj_size <= size / 2:
-        err(f"'{where}.size': must be a number of pixels from 2 to {size // 2 if size else 'size/2'}")
-    path = obj.get("path")
-    if not isinstance(path, list) or not path:
-        err(f"'{where}.path': must be a non-empty list of [x, y] points")
-        return None
-    points = []
-    for i, p in enumerate(path):
-        if not (isinstance(p, list) and len(p) == 2 and all(is_number(v) for v in p)):
-            err(f"'{where}.path[{i}]': must be a point [x, y]")
-        elif size is not None and not all(0 <= v <= size for v in p):
-            err(f"'{where}.path[{i}]': point {p} is outside the {size}x{size} frame")
-        else:
-            points.append(p)
-    if len(points) != len(path) or frames is None:
-        return None
-    points = np.asarray(points, dtype=np.float64)
-    if len(points) != frames:  # key points: constant speed along the polyline
-        points = resample_polyline(points, np.linspace(0, 1, frames))
-    return SceneObject(obj["shape"], tuple(obj.get("color") or (0, 0, 0)), float(obj_size or 0), points)
-
-
-def parse_user_boxes(obj, where, size, frames, err):
-    for key in obj:
-        if key not in ("boxes",):
-            err(f"'{where}.{key}': unknown field (with first_frame, an object has only 'boxes')")
-    boxes = obj.get("boxes")
-    if not isinstance(boxes, list) or frames is not None and len(boxes) != frames:
-        err(f"'{where}.boxes': must be a list of {frames} boxes [x0, y0, x1, y1], one per frame")
-        return np.zeros((frames or 1, 4))
-    for t, b in enumerate(boxes):
-        if not (isinstance(b, list) and len(b) == 4 and all(is_number(v) for v in b)):
-            err(f"'{where}.boxes[{t}]': must be a box [x0, y0, x1, y1]")
-        elif size is not None and not (0 <= b[0] < b[2] <= size and 0 <= b[1] < b[3] <= size):
-            err(f"'{where}.boxes[{t}]': box {b} is empty or outside the {size}x{size} frame")
-    try:
-        return np.asarray(boxes, dtype=np.float32).reshape(len(boxes), 4)
-    except (TypeError, ValueError):
-        return np.zeros((len(boxes), 4))
-
-
-def read_first_frame(path, size, err):
-    try:
-        image = np.asarray(iio.imread(path))
-    except Exception as e:
-        err(f"'first_frame': cannot read image {path} ({e.__class__.__name__})")
-        return None
-    if image.ndim == 2:
-        image = image[..., None].repeat(3, -1)
-    image = torch.from_numpy(image[..., :3].astype(np.float32) / 255)
-    image = F.interpolate(rearrange(image, "h w c -> 1 c h w"), size=(size, size), mode="area")
-    return rearrange(image[0], "c h w -> h w c").numpy()
-
-
-def scene_to_json(scene):
-    """The inverse of parse_scene for generated scenes (one point per frame)."""
-    return {
-        "size": scene.size, "frames": scene.frames, "background": scene.background,
-        "objects": [{"shape": o.shape, "color": list(o.color), "size": round(o.size, 3),
-                     "path": np.round(o.centers, 3).tolist()} for o in scene.objects],
-    }
-
-
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-def is_color(v):
-    return isinstance(v, list) and len(v) == 3 and all(is_int(c) and 0 <= c <= 255 for c in v)
-
-
 # ----------------------------------------------------- looking at videos ----
 
 def to_uint8(video):
@@ -608,13 +377,51 @@ def video_grid(rows, gap=2):
     return np.concatenate(sum(([line, pad] for line in lines), [])[:-1], axis=1)
 
 
+VIDEO_FORMATS = (".gif", ".mp4")
+
+
+def check_video_path(path):
+    """Refuse, before any work is done, an output the video cannot be written
+    to: a format other than GIF/MP4, MP4 without imageio's ffmpeg plugin, or
+    a folder that cannot be made or written."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in VIDEO_FORMATS:
+        raise UserError(f"{path}: the video must be a .gif or an .mp4 file")
+    if extension == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise UserError(f"{path}: writing MP4 needs imageio's ffmpeg plugin (pip install imageio-ffmpeg); "
+                        f"or write a .gif")
+    check_writable(path)
+
+
+def check_writable(path):
+    """Refuse an output file whose folder cannot be made or written, naming it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot make the folder {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise UserError(f"{path}: cannot write there")
+
+
 def save_video(path, frames, fps=8):
-    """Write (T, H, W, 3) uint8 frames as a looping GIF (or MP4 where a plugin is)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".gif"):
+    """Write (T, H, W, 3) uint8 frames as a looping GIF, or as an MP4."""
+    check_video_path(path)
+    if path.lower().endswith(".gif"):
         iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    else:
-        iio.imwrite(path, frames, fps=fps)
+    else:  # H.264 wants even sides
+        even = frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2]
+        iio.imwrite(path, np.ascontiguousarray(even), plugin="FFMPEG", fps=fps)
+
+
+def comparison_video(scenes, clips, indices, factor=4):
+    """Rows, one per scene index, of the true clip then each of `clips`
+    (B, T, 3, H, W), the scene's target boxes drawn over all: one uint8 clip."""
+    rows = []
+    for i in indices:
+        boxes = scenes["boxes"][i, :int(scenes["n_objects"][i])].numpy()
+        rows.append([draw_boxes(to_uint8(clip[i]), boxes, factor) for clip in [scenes["video"], *clips]])
+    return video_grid(rows)
 
 
 def preview_sample(sample, factor=4):
@@ -626,13 +433,20 @@ def preview_sample(sample, factor=4):
             upscale(maps_to_uint8(sample["mask_maps"]), factor)]
 
 
+FLAGS = dict(
+    config=("tiny", "micro | tiny | small: the video shape (model.CONFIGS)"),
+    n=(6, "how many random scenes"),
+    seed=(0, "seed of the scenes"),
+    out=("previews/data.gif", "the preview, .gif or .mp4"),
+)
+
 if __name__ == "__main__":
-    settings = apply_overrides({"config": "tiny", "n": 6, "seed": 0, "out": "previews/data.gif"}, sys.argv[1:])
-    if settings["config"] not in CONFIGS:
-        raise UserError(f"--config must be one of {', '.join(CONFIGS)}")
-    shape = CONFIGS[settings["config"]]
-    world = SpriteWorld(**shape, batch_size=settings["n"], seed=settings["seed"])
-    batch = world.batch(0)
-    rows = [preview_sample({k: v[i] for k, v in batch.items()}) for i in range(settings["n"])]
-    save_video(settings["out"], video_grid(rows))
-    print(f"wrote {settings['out']}: {settings['n']} scenes (video with boxes | box maps | mask maps)")
+    from model import CONFIGS, video_shape  # model.py holds the one table of configs
+    opt = parse_flags(FLAGS, sys.argv[1:], __doc__)
+    require_one_of(opt, "config", CONFIGS)
+    require_at_least(opt, ("n",))
+    check_video_path(opt.out)
+    batch = SpriteWorld(**video_shape(opt.config), batch_size=opt.n, seed=opt.seed).batch(0)
+    rows = [preview_sample({k: v[i] for k, v in batch.items()}) for i in range(opt.n)]
+    save_video(opt.out, video_grid(rows))
+    print(f"wrote {opt.out}: {opt.n} scenes (video with boxes | box maps | mask maps)")

@@ -20,22 +20,18 @@ The trained encoder is exported to checkpoints/video_encoder_<config>.pt
 (pipeline.sh does this too); bench.py reads it from there.
 """
 
-import json
-import os
 import sys
-import uuid
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from common import (UserError, apply_overrides, export_checkpoint, load_checkpoint, lr_at, open_log,
-                    refuse_overwrite, require_at_least, save_checkpoint)
+from common import (Run, export_checkpoint, load_checkpoint, lr_at, parse_flags, require_at_least, require_one_of,
+                    set_lr)
+from model import CONFIGS, video_shape
 
 N_COLORS = len(data.OBJECT_COLORS)
 
@@ -127,7 +123,7 @@ def frechet_distance(stats_a, stats_b):
 def reference_statistics(encoder, config, clips, seed):
     """Mean and covariance of the features of `clips` fresh real clips."""
     batch_size = min(64, clips)
-    stream = data.SpriteWorld(**data.CONFIGS[config], batch_size=batch_size, seed=seed)
+    stream = data.SpriteWorld(**video_shape(config), batch_size=batch_size, seed=seed)
     features = torch.cat([embed(encoder, stream.batch(i)["video"])
                           for i in tqdm(range(clips // batch_size), desc="reference statistics")])
     return gaussian_stats(features)
@@ -146,86 +142,68 @@ def fvd(encoder, reference, videos):
     return frechet_distance(gaussian_stats(embed(encoder, videos)), reference)
 
 
+FLAGS = dict(
+    config=("tiny", "micro | tiny | small: the clips' shape"),
+    out_dir=("", "default runs/video_encoder_<config>"),
+    export=("", "default checkpoints/video_encoder_<config>.pt (\"none\": do not export)"),
+    width=(32, "channels of the first conv"),
+    feature_dim=(64, "features FVD compares"),
+    batch_size=(32, "clips per step"),
+    max_steps=(1500, "training steps"),
+    stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
+    lr=(1e-3, "peak learning rate"),
+    warmup=(50, "linear warmup steps"),
+    ckpt_interval=(250, "checkpoint every this many steps"),
+    reference_clips=(2048, "real clips behind the stored reference statistics"),
+    num_workers=(1, "data processes rendering clips"),
+    seed=(0, "seed of weights and data"),
+    compile=(False, "torch.compile the encoder"),
+    resume=(False, "continue the run in out_dir"),
+)
+
+
 def main(argv):
-    # ------------------------------------------------------------ config ----
-    opt = SimpleNamespace(**apply_overrides(dict(
-        config="tiny",
-        out_dir="",                # default: runs/video_encoder_<config>
-        export="",                 # default: checkpoints/video_encoder_<config>.pt ("none": do not export)
-        width=32,
-        feature_dim=64,
-        batch_size=32,
-        max_steps=1500,
-        lr=1e-3,
-        warmup=50,
-        ckpt_interval=250,
-        reference_clips=2048,      # real clips behind the stored reference statistics
-        num_workers=1,             # data-loading processes rendering clips
-        seed=0,
-        resume=False,
-    ), argv))
-    # ------------------------------------------------------------------------
-    if opt.config not in data.CONFIGS:
-        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
+    opt = parse_flags(FLAGS, argv, __doc__)
+    require_one_of(opt, "config", CONFIGS)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval"))
     require_at_least(opt, ("reference_clips",), 2)  # a covariance needs two clips
-    shape = data.CONFIGS[opt.config]
+    shape = video_shape(opt.config)
     opt.out_dir = opt.out_dir or f"runs/video_encoder_{opt.config}"
     opt.export = opt.export or f"checkpoints/video_encoder_{opt.config}.pt"
-    ckpt_path = os.path.join(opt.out_dir, "ckpt.pt")
-    refuse_overwrite(ckpt_path, opt.resume)
-    torch.manual_seed(opt.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = Run(opt, kind="video_encoder")
 
-    encoder = VideoEncoder(**shape, width=opt.width, feature_dim=opt.feature_dim).to(device)
+    encoder = VideoEncoder(**shape, width=opt.width, feature_dim=opt.feature_dim).to(run.device)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=opt.lr, weight_decay=0.01)
-    step, run_id = 0, uuid.uuid4().hex[:12]
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, kind="video_encoder", map_location=device)
-        encoder.load_state_dict(ckpt["encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, run_id = ckpt["step"], ckpt["run_id"]
+    run.restore(encoder=encoder, optimizer=optimizer)
     print(f"video encoder for FVD: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M parameters, "
-          f"{opt.config} clips {shape}, step {step}/{opt.max_steps}")
+          f"{opt.config} clips {shape}, step {run.step}/{opt.max_steps}")
+    train_encoder = run.wrap(encoder)
 
-    def save(extra=None):
-        save_checkpoint(ckpt_path, {"kind": "video_encoder", "run_id": run_id, "config": encoder.config(),
-                                    "step": step, "train_config": vars(opt), "encoder": encoder.state_dict(),
-                                    "optimizer": optimizer.state_dict(), **(extra or {})})
+    def save(**extra):
+        run.save(encoder, config=encoder.config(), encoder=encoder.state_dict(), optimizer=optimizer.state_dict(),
+                 **extra)
 
     # Training clips come from their own seed; bench.py's held-out scenes use data.HELD_OUT_SEED.
-    stream = data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed + 11, start=step)
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=opt.num_workers,
-                              persistent_workers=opt.num_workers > 0))
-    os.makedirs(opt.out_dir, exist_ok=True)
-    log = open_log(opt.out_dir, step)
-    bar = tqdm(total=opt.max_steps, initial=step, desc="video encoder", dynamic_ncols=True)
-    while step < opt.max_steps:
+    batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed + 11, start=run.step))
+    for step in run.steps("video encoder"):
         encoder.train()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, opt.lr, opt.warmup, opt.max_steps)
-        batch = {key: value.to(device) for key, value in next(batches).items()}
-        loss, presence_loss, centre_loss = encoder_loss(encoder, batch)
+        set_lr(optimizer, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
+        batch = {key: value.to(run.device) for key, value in next(batches).items()}
+        loss, presence_loss, centre_loss = encoder_loss(train_encoder, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        record = {"step": step, "loss": round(loss.item(), 5), "presence": round(presence_loss.item(), 5),
-                  "centre_px": round(centre_loss.sqrt().item() * shape["size"], 3)}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.update(1)
-        bar.set_postfix(presence=record["presence"], centre_px=record["centre_px"])
-        if step % opt.ckpt_interval == 0 and step < opt.max_steps:
+        if run.due(opt.ckpt_interval) and run.step < opt.max_steps:
             save()
-    bar.close()
-
+        run.log({"loss": round(loss.item(), 5), "presence": round(presence_loss.item(), 5),
+                 "centre_px": round(centre_loss.sqrt().item() * shape["size"], 3)}, clips=opt.batch_size)
+    if run.step < opt.max_steps:  # stopped early: resume later
+        return
     # Reference statistics of real clips, from a seed neither training nor the benchmark uses.
     mean, cov = reference_statistics(encoder, opt.config, opt.reference_clips, seed=opt.seed + 29)
-    save({"reference_mean": mean, "reference_cov": cov, "reference_clips": opt.reference_clips})
-    print(f"done: {ckpt_path} at step {step}")
+    save(reference_mean=mean, reference_cov=cov, reference_clips=opt.reference_clips)
     if opt.export != "none":
-        export_checkpoint(ckpt_path, opt.export)
+        export_checkpoint(run.path, opt.export)
         print(f"exported to {opt.export}")
 
 

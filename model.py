@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from attention import flash_attention
-import data
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiTConfig:
     frames: int = 16
     size: int = 32
@@ -34,16 +33,17 @@ class DiTConfig:
     mlp_ratio: float = 4.0
 
 
-# Model sizes by config name; the video shape comes from data.CONFIGS.
-MODEL_CONFIGS = {
-    "micro": dict(patch_t=2, patch_hw=4, dim=32, depth=2, heads=2),
-    "tiny": dict(patch_t=2, patch_hw=4, dim=96, depth=6, heads=3),
-    "small": dict(patch_t=2, patch_hw=4, dim=384, depth=12, heads=6),
+# Every config by name: the video shape and the model size. `micro` exists for the tests.
+CONFIGS = {
+    "micro": DiTConfig(frames=4, size=16, dim=32, depth=2, heads=2),
+    "tiny": DiTConfig(frames=16, size=32, dim=96, depth=6, heads=3),     # CPU, the shipped checkpoints
+    "small": DiTConfig(frames=16, size=64, dim=384, depth=12, heads=6),  # one GPU
 }
 
 
-def config_for(name):
-    return DiTConfig(**data.CONFIGS[name], **MODEL_CONFIGS[name])
+def video_shape(name):
+    """{frames, size} of a config: what data.SpriteWorld takes."""
+    return {"frames": CONFIGS[name].frames, "size": CONFIGS[name].size}
 
 
 # ----------------------------------------------------------------- layers ---
@@ -150,14 +150,12 @@ class VideoDiT(nn.Module):
     The network predicts the clean video x0 and returns the velocity it
     implies, (x_t - x0) / t: the x-prediction of JiT (Li & He, "Back to
     Basics: Let Denoising Generative Models Denoise", 2025). Why: a token of
-    96 dims cannot carry the 96 noisy pixel values of its patch through the
-    network, so a velocity (noise) prediction could not cancel the noise at
-    low t; measured at tiny, 50-step samples kept visible noise (roughness
-    0.10-0.12 vs 0.047 for real clips) even with EDM preconditioning and
-    training at low t. A clean patch is flat colours: easy to predict.
+    96 dims cannot carry the 96 noisy pixel values of its 2x4x4 patch, so a
+    velocity (noise) prediction cannot cancel the noise at low t, while a
+    clean patch is flat colours, easy to predict (docs/results.md, stage 0).
     Where the first frame is given, frame 0 of the noisy video is replaced by
     it and its velocity is fixed (pin_velocity): the network only ever has to
-    make frames 1.. (measured at tiny without this: frame 0 came out patchy).
+    make frames 1..
 
     Hooks for the adapters and the discriminator (all optional):
       token_residual   (B, N, dim) added to the patch tokens before block 0;
@@ -287,12 +285,11 @@ class VideoDiT(nn.Module):
 
 
 def build_model(name_or_cfg):
-    cfg = config_for(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
-    return VideoDiT(cfg)
+    return VideoDiT(CONFIGS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg)
 
 
 def model_from_checkpoint(ckpt, use_ema=True):
-    """Rebuild a VideoDiT from a checkpoint dict (see train.py)."""
+    """Rebuild a VideoDiT from a checkpoint dict (train.py writes them)."""
     model = VideoDiT(DiTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
     return model
@@ -304,12 +301,10 @@ def config_dict(model):
 
 # --------------------------------------------------------- flow matching ----
 
-# Timestep shift used in training and sampling alike. Measured at tiny: with
-# SD3's logit-normal t the model was worse than copying the first frame at
-# t = 1 (where every sample starts: logit-normal visits t > 0.95 0.2% of the
-# time), and shifted logit-normal in turn left t < 0.3 almost untrained (2.6%),
-# so 50-step samples kept their last noise. Uniform u shifted by 3 gives both
-# ends their share: 14% of t above 0.95, 12% below 0.3.
+# Timestep shift used in training and sampling alike: uniform u shifted by 3
+# trains both ends, 14% of t above 0.95 (where every sample starts) and 12%
+# below 0.3 (where the last noise goes); logit-normal t left one or the other
+# almost untrained (docs/results.md, stage 0).
 TIME_SHIFT = 3.0
 
 
@@ -355,17 +350,17 @@ def sampling_times(steps, shift=TIME_SHIFT, device="cpu"):
     return shift_time(torch.linspace(1, 0, steps + 1, device=device), shift)
 
 
-def guided_velocity(model, cfg_scale, cond, uncond):
+def guided_velocity(model, guidance, cond, uncond):
     """Velocity function with classifier-free guidance, in the `uncond + w
     (cond - uncond)` convention: w = 1 is no guidance (and costs one network
     call instead of two). cond holds the model's keyword arguments; uncond
     the ones that differ for the unconditional branch (e.g. first_frame=None)."""
     def velocity(x, t):
         v_cond = model(x, t, **cond)
-        if cfg_scale == 1.0:
+        if guidance == 1.0:
             return v_cond
         v_uncond = model(x, t, **{**cond, **uncond})
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
+        return v_uncond + guidance * (v_cond - v_uncond)
     return velocity
 
 
@@ -379,17 +374,61 @@ def euler_sample(velocity_fn, noise, times):
 
 
 @torch.no_grad()
-def generate(model, first_frame, steps=50, shift=TIME_SHIFT, cfg_scale=1.0, generator=None, uncond=None,
+def generate(model, first_frame, steps=50, shift=TIME_SHIFT, guidance=1.0, generator=None, uncond=None,
              **conditions):
     """A clip from a first frame (B, C, H, W): (B, T, C, H, W) in [-1, 1].
     model is the generator or anything called like it (adapter.Controlled);
     conditions are its extra keyword arguments; guidance drops the first
     frame unless uncond says what else to drop."""
-    cfg = model.cfg
-    B = first_frame.shape[0]
-    noise = torch.randn((B, cfg.frames, cfg.channels, cfg.size, cfg.size), generator=generator,
-                        device=first_frame.device)
     times = sampling_times(steps, shift, first_frame.device)
     cond = dict(first_frame=first_frame, **conditions)
-    velocity = guided_velocity(model, cfg_scale, cond, {"first_frame": None} if uncond is None else uncond)
-    return euler_sample(velocity, noise, times).clamp(-1, 1)
+    velocity = guided_velocity(model, guidance, cond, {"first_frame": None} if uncond is None else uncond)
+    return euler_sample(velocity, initial_noise(model, first_frame, generator), times).clamp(-1, 1)
+
+
+def initial_noise(model, first_frame, generator):
+    """Pure noise (B, T, C, H, W) in the model's video shape, where every sampler starts."""
+    shape = model.cfg
+    return torch.randn((first_frame.shape[0], shape.frames, shape.channels, shape.size, shape.size),
+                       generator=generator, device=first_frame.device)
+
+
+# ------------------------------------------------------ few-step sampler ----
+
+# The fast generator's 4 times, before the timestep shift: t = 1, 0.75, 0.5,
+# 0.25 become 1, 0.9, 0.75, 0.5 with shift 3 (most of the work is at high noise).
+FAST_TIMES = (1.0, 0.75, 0.5, 0.25)
+
+
+def fast_times(shift=TIME_SHIFT, device="cpu"):
+    return shift_time(torch.tensor(FAST_TIMES, device=device), shift)
+
+
+def few_step_step(model, x, t, conditions):
+    """One step of the few-step sampler: the clean clip the model predicts at time t."""
+    t = t.expand(x.shape[0])
+    return clean_estimate(x, model(x, t, **conditions), t)
+
+
+def few_step_sample(model, noise, times, conditions, generator=None, stop_after=None):
+    """The fast generator's sampler (DMD2): at each time predict the clean
+    clip, then re-noise it to the next time with fresh noise. stop_after=k
+    returns after k steps the noisy clip at times[k], the input of step k
+    (backward simulation: training inputs come from the generator itself)."""
+    x = noise
+    for k, t in enumerate(times):
+        if k == stop_after:
+            return x
+        x0 = few_step_step(model, x, t, conditions)
+        if k + 1 < len(times):
+            fresh = torch.randn(x.shape, generator=generator, device=x.device)
+            x = add_noise(x0, fresh, times[k + 1].expand(x.shape[0]))
+    return x0
+
+
+@torch.no_grad()
+def fast_generate(model, first_frame, generator=None, shift=TIME_SHIFT, **conditions):
+    """A clip in len(FAST_TIMES) steps: (B, T, C, H, W) in [-1, 1]."""
+    times = fast_times(shift, first_frame.device)
+    return few_step_sample(model, initial_noise(model, first_frame, generator), times,
+                           dict(first_frame=first_frame, **conditions), generator).clamp(-1, 1)

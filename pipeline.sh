@@ -33,7 +33,7 @@ stage() {
 
 stage slow_generator runs/slow_generator_$config $steps0 train.py --batch_size=$batch0 --lr=8e-4
 for kind in controlnet lora; do
-  stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 adapter.py --adapter=$kind
+  stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 train_adapter.py --adapter=$kind
 done
 stage fast_generator runs/fast_generator_$config $steps2 distill.py --ratio=3 --lr_generator=5e-5
 stage dmd_joint runs/dmd_joint_$config $steps2 distill.py --controlled=true --ratio=3 --lr_generator=5e-5

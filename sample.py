@@ -1,74 +1,172 @@
-"""Make a video from a scene with any method.
+"""Every method by name (the registry FlashBench measures) and a video from a scene.
 
-    python sample.py --steps 4                               # flashmotion, scenes/default.json
+    python sample.py --steps 4                                  # flashmotion, scenes/default.json
     python sample.py --method teacher --steps 50 --guidance 1   # no trajectory CFG (default 3)
-    python sample.py --scene my_scene.json --seed 3 --out my.gif
+    python sample.py --scene my_scene.json --seed 3 --out my.mp4
     python sample.py --method naive --adapter lora --device cuda
 
 The scene file gives the first frame (drawn from its objects, or your own
-image) and each object's box in every frame (data.py, README). The GIF shows
-the generated clip with the target boxes drawn over it, next to the
-trajectory maps the adapter read; an MP4 is written too where imageio has
-an ffmpeg plugin. The same seed gives the same video.
+image) and each object's box in every frame (scenes.py). The video shows the
+generated clip with the target boxes drawn over it, next to the trajectory
+maps the adapter read. GIF always; MP4 where imageio's ffmpeg plugin is
+installed (pip install imageio-ffmpeg). The same seed gives the same video.
+
+Methods, each a (generator, adapter, sampler) triple:
+
+  generator         slow generator alone, 50 Euler steps (no trajectory: the floor)
+  teacher           slow generator + slow adapter, 50 steps, trajectory guidance (CFG)
+  teacher-4         the same pair and guidance, 4 Euler steps
+  fast-generator    fast generator alone, 4 steps (no trajectory)
+  naive             fast generator + slow adapter as is, 4 steps
+  dmd-joint         generator + adapter distilled together with DMD, 4 steps
+  diffusion-only    fast generator + adapter finetuned with the diffusion loss, 4 steps
+  adversarial-only  fast generator + adapter finetuned with the adversarial loss, 4 steps
+  flashmotion       fast generator + hybrid-finetuned adapter, 4 steps
 """
 
 import os
 import sys
-from types import SimpleNamespace
+import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn as nn
 
-import bench
 import data
-from common import UserError, apply_overrides
+from adapter import ADAPTERS, Controlled, adapter_from_checkpoint, joint_from_checkpoint
+from common import UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of
+from model import CONFIGS, fast_generate, generate, model_from_checkpoint
+from scenes import scene_batch
+
+# name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family.
+# Steps None: the teacher's, 50 unless asked otherwise.
+METHODS = {
+    "generator": ("slow_generator", None, "euler", None),
+    "teacher": ("slow_generator", "slow_adapter_{adapter}", "euler", None),
+    "teacher-4": ("slow_generator", "slow_adapter_{adapter}", "euler", 4),
+    "fast-generator": ("fast_generator", None, "few-step", 4),
+    "naive": ("fast_generator", "slow_adapter_{adapter}", "few-step", 4),
+    "dmd-joint": ("dmd_joint", None, "few-step", 4),
+    "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}", "few-step", 4),
+    "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}", "few-step", 4),
+    "flashmotion": ("fast_generator", "fast_adapter_hybrid_{adapter}", "few-step", 4),
+}
+TEACHER_STEPS = 50
+
+
+@dataclass
+class Method:
+    name: str
+    model: nn.Module   # the generator, or a Controlled (generator + adapter)
+    sampler: str       # "euler" (model.generate, with guidance) or "few-step" (model.fast_generate)
+    steps: int
+
+    @property
+    def controlled(self):
+        return isinstance(self.model, Controlled)
+
+    def nfe(self, guidance):
+        """Network calls per video: trajectory guidance doubles the Euler steps' calls."""
+        return self.steps * (2 if self.sampler == "euler" and self.controlled and guidance != 1 else 1)
+
+
+def check_method(name):
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+
+
+def checkpoint_paths(name, config, adapter_kind, folder="checkpoints"):
+    """The checkpoint files a method needs: [generator] or [generator, adapter]."""
+    generator, adapter, _, _ = METHODS[name]
+    names = [generator] + ([adapter.format(adapter=adapter_kind)] if adapter else [])
+    return [os.path.join(folder, f"{n}_{config}.pt") for n in names]
+
+
+def load_method(name, config="tiny", adapter_kind="controlnet", folder="checkpoints", device="cpu",
+                teacher_steps=TEACHER_STEPS):
+    """A Method, its networks loaded from `folder` in eval mode on `device`."""
+    check_method(name)
+    paths = checkpoint_paths(name, config, adapter_kind, folder)
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"method '{name}' needs {path}, which is missing; {how_to_make(path)}")
+    generator_kind, _, sampler, steps = METHODS[name]
+    generator_ckpt = load_checkpoint(paths[0], kind=generator_kind)
+    if generator_kind == "dmd_joint":
+        model = joint_from_checkpoint(generator_ckpt)
+    else:
+        model = model_from_checkpoint(generator_ckpt)
+    if len(paths) == 2:
+        stage = "slow_adapter" if METHODS[name][1].startswith("slow_adapter") else "fast_adapter"
+        adapter_ckpt = load_checkpoint(paths[1], kind=stage)
+        model = Controlled(model, adapter_from_checkpoint(adapter_ckpt, model, generator_ckpt,
+                                                          allow_other_generator=name == "naive"))
+    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps)
+
+
+@torch.no_grad()
+def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=8):
+    """Generate every scene of a batch (first frame, and the trajectory maps
+    the adapter reads) in batches of `batch_size`; batch i's noise is seeded
+    with seed + i. Returns (videos (N, T, C, H, W), seconds per video)."""
+    model, steps = method.model, steps or method.steps
+    videos, seconds = [], 0.0
+    for start in range(0, len(scenes["video"]), batch_size):
+        first = scenes["video"][start:start + batch_size, 0]
+        conditions = {}
+        if method.controlled:
+            conditions["trajectory"] = model.trajectory(scenes)[start:start + batch_size]
+        generator = torch.Generator(device=first.device).manual_seed(seed + start)
+        begin = time.perf_counter()
+        if method.sampler == "few-step":
+            video = fast_generate(model, first, generator, **conditions)
+        else:
+            if method.controlled:
+                conditions["uncond"] = {"traj_keep": torch.zeros(len(first), device=first.device)}
+            video = generate(model, first, steps=steps, guidance=guidance if method.controlled else 1.0,
+                             generator=generator, **conditions)
+        seconds += time.perf_counter() - begin
+        videos.append(video)
+    return torch.cat(videos), seconds / len(scenes["video"])
+
+
+FLAGS = dict(
+    method=("flashmotion", f"one of: {', '.join(METHODS)}"),
+    steps=(int, "denoising steps; default the method's own (4 for the fast methods, 50 for the teacher)"),
+    scene=("scenes/default.json", "the scene file (scenes.py)"),
+    seed=(0, "seed of the noise: the same seed gives the same video"),
+    out=("", "the video, .gif or .mp4; default samples/<method>_<scene>.gif"),
+    adapter=("controlnet", "controlnet | lora: the adapter family"),
+    guidance=(3.0, "trajectory guidance (CFG) of the Euler methods, as bench.py"),
+    config=("tiny", "micro | tiny | small: which checkpoints"),
+    checkpoints=("checkpoints", "the folder of the checkpoints"),
+    device=("cpu", "cpu | cuda"),
+)
 
 
 def main(argv):
-    opt = SimpleNamespace(**apply_overrides(dict(
-        method="flashmotion",
-        steps=0,                   # 0: the method's own (4 for the fast methods, 50 for the teacher)
-        scene="scenes/default.json",
-        seed=0,
-        out="",                    # default: samples/<method>_<scene>.gif
-        adapter="controlnet",      # controlnet | lora
-        guidance=3.0,              # trajectory guidance (CFG) of the slow (Euler) methods, as bench.py
-        config="tiny",
-        checkpoints="checkpoints",
-        device="cpu",
-    ), argv))
-    if opt.config not in data.CONFIGS:
-        raise UserError(f"--config must be one of {', '.join(data.CONFIGS)}")
-    if opt.adapter not in ("controlnet", "lora"):
-        raise UserError(f"--adapter must be controlnet or lora, got '{opt.adapter}'")
-    if opt.device not in ("cpu", "cuda") or (opt.device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device must be cpu or cuda (with a GPU), got '{opt.device}'")
-    if opt.steps < 0:
-        raise UserError(f"--steps must be positive, got {opt.steps}")
-    sample = bench.scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
-    torch.set_grad_enabled(False)
-    device = torch.device(opt.device)
-    model, sampler = bench.load_method(opt.method, opt.config, opt.adapter, opt.checkpoints, device)
-    steps = opt.steps or (4 if sampler == "few-step" else 50)
-    if sampler == "few-step" and steps != 4:
+    opt = parse_flags(FLAGS, argv, __doc__)
+    check_method(opt.method)
+    require_one_of(opt, "config", CONFIGS)
+    require_one_of(opt, "adapter", ADAPTERS)
+    require_at_least(opt, ("steps",))
+    device = pick_device(opt.device)
+    if METHODS[opt.method][2] == "few-step" and opt.steps not in (None, 4):
         raise UserError(f"method '{opt.method}' is a 4-step model: --steps must be 4 (or left out)")
-
-    video, seconds = bench.run_method(model, sampler, {k: v.to(device) for k, v in sample.items()}, steps,
-                                      opt.guidance, opt.seed)
-    boxes = sample["boxes"][0, :int(sample["n_objects"][0])].numpy()
-    frames = data.video_grid([[data.draw_boxes(data.to_uint8(video[0].cpu()), boxes, 8),
-                               data.upscale(data.maps_to_uint8(sample["box_maps"][0]), 8)]])
     name = os.path.splitext(os.path.basename(opt.scene))[0]
     out = opt.out or os.path.join("samples", f"{opt.method}_{name}.gif")
-    data.save_video(out, frames)
-    written = [out]
-    try:  # an MP4 beside it, where imageio can write one (imageio-ffmpeg)
-        mp4 = os.path.splitext(out)[0] + ".mp4"
-        data.save_video(mp4, np.ascontiguousarray(frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2]))
-        written.append(mp4)
-    except Exception:
-        pass
-    print(f"{opt.method}, {steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; wrote {', '.join(written)}")
+    data.check_video_path(out)  # before any work: a bad --out loses nothing
+    scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
+    torch.set_grad_enabled(False)
+    method = load_method(opt.method, opt.config, opt.adapter, opt.checkpoints, device)
+    scene = {key: value.to(device) for key, value in scene.items()}
+    video, seconds = generate_clips(method, scene, opt.steps, opt.guidance, opt.seed)
+    maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]
+    boxes = scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy()
+    data.save_video(out, data.video_grid([[data.draw_boxes(data.to_uint8(video[0]), boxes, 8),
+                                           data.upscale(data.maps_to_uint8(maps[0]), 8)]]))
+    print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
+          f"wrote {out}")
 
 
 if __name__ == "__main__":

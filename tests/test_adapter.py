@@ -5,16 +5,16 @@ import sys
 import pytest
 import torch
 
-import adapter as A
 import common
 import data
-import model as M
+from adapter import ADAPTERS, Controlled, adapter_from_checkpoint, build_adapter
+from model import build_model, config_dict, flow_matching_loss
 from test_model import random_final_layer
 
 
 def micro_generator(seed=0):
     torch.manual_seed(seed)
-    return random_final_layer(M.build_model("micro")).requires_grad_(False)
+    return random_final_layer(build_model("micro")).requires_grad_(False)
 
 
 def micro_batch(seed=0, batch_size=2):
@@ -23,7 +23,7 @@ def micro_batch(seed=0, batch_size=2):
 
 def generator_checkpoint(path, generator, run_id):
     common.save_checkpoint(path, {"kind": "slow_generator", "run_id": run_id, "parent": None, "step": 0,
-                                  "model_config": M.config_dict(generator), "ema": generator.state_dict()})
+                                  "model_config": config_dict(generator), "ema": generator.state_dict()})
     return common.load_checkpoint(path)
 
 
@@ -31,14 +31,14 @@ def adapter_checkpoint(path, adapter, generator, parent, run_id="adapter-run", p
     """A slow-adapter checkpoint of `adapter`, trained (as far as it says) on run `parent`."""
     common.save_checkpoint(path, {
         "kind": "slow_adapter", "run_id": run_id, "parent": parent, "parent_path": parent_path,
-        "generator_config": M.config_dict(generator), "adapter_config": adapter.config(),
-        "model": adapter.state_dict(), "ema": adapter.state_dict()})
+        "generator_config": config_dict(generator), "adapter_config": adapter.config(),
+        "condition": adapter.condition, "model": adapter.state_dict(), "ema": adapter.state_dict()})
 
 
-@pytest.mark.parametrize("kind", A.ADAPTERS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_fresh_adapter_is_exactly_the_generator(kind):
     generator = micro_generator()
-    controlled = A.Controlled(generator, A.build_adapter(kind, generator))
+    controlled = Controlled(generator, build_adapter(kind, generator))
     batch = micro_batch()
     x, t = torch.randn(2, 4, 3, 16, 16), torch.tensor([0.3, 0.9])
     base = generator(x, t, batch["video"][:, 0])
@@ -47,35 +47,35 @@ def test_fresh_adapter_is_exactly_the_generator(kind):
         assert torch.equal(adapted, base)
 
 
-@pytest.mark.parametrize("kind", A.ADAPTERS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_only_adapter_parameters_get_gradients_and_they_all_do(kind):
     generator = micro_generator()
-    adapter = A.build_adapter(kind, generator)
-    controlled = A.Controlled(generator, adapter)
+    adapter = build_adapter(kind, generator)
+    controlled = Controlled(generator, adapter)
     batch = micro_batch()
     # One step first: zero-initialised layers pass no gradient to what feeds
     # them until they have moved.
     optimizer = torch.optim.SGD(adapter.parameters(), lr=0.1)
     for _ in range(2):
         optimizer.zero_grad()
-        M.flow_matching_loss(controlled, batch["video"], batch["video"][:, 0], torch.Generator().manual_seed(0),
+        flow_matching_loss(controlled, batch["video"], batch["video"][:, 0], torch.Generator().manual_seed(0),
                              trajectory=batch["box_maps"]).backward()
         optimizer.step()
     assert all(p.grad is None for p in generator.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
 
 
-@pytest.mark.parametrize("kind", A.ADAPTERS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_adapter_lowers_the_loss_on_a_fixed_batch(kind):
     generator = micro_generator()
-    adapter = A.build_adapter(kind, generator)
-    controlled = A.Controlled(generator, adapter)
+    adapter = build_adapter(kind, generator)
+    controlled = Controlled(generator, adapter)
     batch = micro_batch(batch_size=4)
     video, noise, t = batch["video"], torch.randn_like(batch["video"]), torch.rand(4) * 0.8 + 0.1
     optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-3)
     losses = []
     for _ in range(200):
-        loss = M.flow_matching_loss(controlled, video, video[:, 0], t=t, noise=noise, trajectory=batch["box_maps"])
+        loss = flow_matching_loss(controlled, video, video[:, 0], t=t, noise=noise, trajectory=batch["box_maps"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -85,11 +85,11 @@ def test_adapter_lowers_the_loss_on_a_fixed_batch(kind):
 
 def test_trajectory_dropout_is_a_distinct_condition():
     generator = micro_generator()
-    adapter = A.build_adapter("controlnet", generator)
+    adapter = build_adapter("controlnet", generator)
     torch.nn.init.normal_(adapter.trajectory_embed.weight, std=0.1)
     for layer in adapter.outputs:
         torch.nn.init.normal_(layer.weight, std=0.1)
-    controlled = A.Controlled(generator, adapter)
+    controlled = Controlled(generator, adapter)
     batch = micro_batch()
     x, t, first = torch.randn(2, 4, 3, 16, 16), torch.rand(2), batch["video"][:, 0]
     kept = controlled(x, t, first, trajectory=batch["box_maps"])
@@ -99,31 +99,31 @@ def test_trajectory_dropout_is_a_distinct_condition():
     assert torch.equal(dropped, other_maps) and not torch.allclose(kept, dropped)
 
 
-@pytest.mark.parametrize("kind", A.ADAPTERS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_checkpoint_round_trip_and_wrong_generator_refused(kind, tmp_path):
     generator = micro_generator()
     parent = generator_checkpoint(tmp_path / "gen.pt", generator, "run-a")
-    adapter = A.build_adapter(kind, generator)
+    adapter = build_adapter(kind, generator)
     for p in adapter.parameters():
         torch.nn.init.normal_(p, std=0.05)
     adapter_checkpoint(tmp_path / "adapter.pt", adapter, generator, "run-a", run_id="x",
                        parent_path=str(tmp_path / "gen.pt"))
     ckpt = common.load_checkpoint(tmp_path / "adapter.pt", kind="slow_adapter")
-    loaded = A.adapter_from_checkpoint(ckpt, generator, parent)
+    loaded = adapter_from_checkpoint(ckpt, generator, parent)
     batch = micro_batch()
     x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
-    run = lambda a: A.Controlled(generator, a)(x, t, batch["video"][:, 0], trajectory=batch["box_maps"])
+    run = lambda a: Controlled(generator, a)(x, t, batch["video"][:, 0], trajectory=batch["box_maps"])
     assert torch.equal(run(loaded), run(adapter))
 
     other = generator_checkpoint(tmp_path / "other.pt", micro_generator(seed=1), "run-b")
     with pytest.raises(common.UserError, match="trained on the generator checkpoint"):
-        A.adapter_from_checkpoint(ckpt, micro_generator(seed=1), other)
+        adapter_from_checkpoint(ckpt, micro_generator(seed=1), other)
     # Asked for on purpose (the naive pairing), it loads.
-    A.adapter_from_checkpoint(ckpt, micro_generator(seed=1), other, allow_other_generator=True)
+    adapter_from_checkpoint(ckpt, micro_generator(seed=1), other, allow_other_generator=True)
 
 
 def run_adapter(*args):
-    return subprocess.run([sys.executable, "adapter.py", "--config=micro", "--batch_size=2", "--num_workers=0",
+    return subprocess.run([sys.executable, "train_adapter.py", "--config=micro", "--batch_size=2", "--num_workers=0",
                            "--ckpt_interval=2", "--eval_scenes=2", "--sample_steps=2", *args],
                           capture_output=True, text=True)
 

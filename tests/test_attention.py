@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 import attention  # noqa: E402  (conftest.py defined its kernels under the interpreter on CPU)
+from model import build_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -99,9 +100,8 @@ def test_dispatch(monkeypatch):
 
 
 def test_model_through_the_kernel_matches_pytorch(monkeypatch):
-    import model as M
     torch.manual_seed(0)
-    net = M.build_model("micro")
+    net = build_model("micro")
     for block in net.blocks:  # make attention matter at all (adaLN-Zero starts at identity)
         torch.nn.init.normal_(block.ada_ln[-1].weight, std=0.2)
     torch.nn.init.normal_(net.final_linear.weight, std=0.2)
@@ -110,7 +110,7 @@ def test_model_through_the_kernel_matches_pytorch(monkeypatch):
     expected.square().mean().backward()
     expected_grad = net.blocks[0].attn.qkv.weight.grad.clone()
     net.zero_grad()
-    monkeypatch.setattr(M, "flash_attention", attention.triton_attention)
+    monkeypatch.setattr("model.flash_attention", attention.triton_attention)
     out = net(x, t, x[:, 0])
     out.square().mean().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

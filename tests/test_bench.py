@@ -7,7 +7,7 @@ import numpy as np
 
 import common
 import fvd
-import model as M
+from model import config_dict
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_generator
 from test_hybrid import trained_looking_adapter
 
@@ -19,7 +19,7 @@ def micro_checkpoints(folder):
     adapter_checkpoint(folder / "slow_adapter_controlnet_micro.pt", adapter, slow, "slow-run")
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
-        "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
+        "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
     encoder = fvd.VideoEncoder(4, 16, width=8, feature_dim=8)
     mean, cov = fvd.reference_statistics(encoder, "micro", 16, seed=1)
     common.save_checkpoint(folder / "video_encoder_micro.pt", {

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
+import scenes
 from common import UserError
 
 
@@ -21,7 +22,7 @@ def scene_spec(**changes):
 
 
 def test_square_is_drawn_where_the_path_says():
-    scene = data.parse_scene(scene_spec())
+    scene = scenes.parse_scene(scene_spec())
     rendered = data.render(scene)
     # Two key points over 5 frames: constant speed, x = 8, 12, 16, 20, 24.
     np.testing.assert_allclose(scene.objects[0].centers[:, 0], [8, 12, 16, 20, 24])
@@ -36,7 +37,7 @@ def test_square_is_drawn_where_the_path_says():
 
 def test_one_point_per_frame_is_used_as_is():
     path = [[10, 10], [11, 13], [20, 12], [5, 5], [16, 16]]
-    scene = data.parse_scene(scene_spec(objects=[{"shape": "circle", "color": [0, 0, 255], "size": 4,
+    scene = scenes.parse_scene(scene_spec(objects=[{"shape": "circle", "color": [0, 0, 255], "size": 4,
                                                   "path": path}]))
     np.testing.assert_allclose(scene.objects[0].centers, path)
 
@@ -46,7 +47,7 @@ def test_later_objects_occlude_earlier_ones_and_boxes_stay_whole():
         {"shape": "square", "color": [230, 40, 40], "size": 8, "path": [[16, 16]]},
         {"shape": "circle", "color": [40, 200, 60], "size": 6, "path": [[18, 16]]},
     ])
-    rendered = data.render(data.parse_scene(spec))
+    rendered = data.render(scenes.parse_scene(spec))
     back_full = data.shape_mask("square", 8, np.array([[16.0, 16.0]]), 32)[0]
     front = rendered.masks[1, 0]
     assert front.sum() > 0 and (back_full & front).sum() > 0
@@ -56,7 +57,7 @@ def test_later_objects_occlude_earlier_ones_and_boxes_stay_whole():
 
 
 def test_trajectory_maps_first_frame_is_the_segmentation():
-    rendered = data.render(data.parse_scene(scene_spec()))
+    rendered = data.render(scenes.parse_scene(scene_spec()))
     mask_maps, box_maps = data.trajectory_maps(rendered.masks, rendered.boxes, 32)
     assert mask_maps.shape == box_maps.shape == (5, 3, 32, 32)
     torch.testing.assert_close(box_maps[0], mask_maps[0])
@@ -86,13 +87,13 @@ BAD_SCENES = [
 @pytest.mark.parametrize("changes, field", BAD_SCENES)
 def test_bad_scenes_are_refused_naming_the_field(changes, field):
     with pytest.raises(UserError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        data.parse_scene(scene_spec(**changes))
+        scenes.parse_scene(scene_spec(**changes))
 
 
 def test_every_wrong_field_is_named_at_once():
     spec = scene_spec(frames=0, objects=[{"shape": "blob", "color": [1, 2, 3], "size": 5, "path": [[5, 50]]}])
     with pytest.raises(UserError) as info:
-        data.parse_scene(spec)
+        scenes.parse_scene(spec)
     for field in ("'frames'", "objects[0].shape", "objects[0].path[0]"):
         assert field in str(info.value)
 
@@ -101,7 +102,7 @@ def test_scene_file_that_is_not_json(tmp_path):
     path = tmp_path / "scene.json"
     path.write_text('{"size": 32,, }')
     with pytest.raises(UserError, match="not valid JSON"):
-        data.load_scene(str(path))
+        scenes.load_scene(str(path))
 
 
 def test_user_first_frame_and_boxes(tmp_path):
@@ -111,17 +112,17 @@ def test_user_first_frame_and_boxes(tmp_path):
     boxes = [[2, 2, 10, 10], [4, 2, 12, 10], [6, 2, 14, 10]]
     spec = {"size": 32, "frames": 3, "first_frame": "first.png", "objects": [{"boxes": boxes}]}
     (tmp_path / "scene.json").write_text(json.dumps(spec))
-    rendered = data.render(data.load_scene(str(tmp_path / "scene.json")))
+    rendered = data.render(scenes.load_scene(str(tmp_path / "scene.json")))
     assert not rendered.has_video
     np.testing.assert_allclose(rendered.video[0, ..., 2], 200 / 255, atol=1e-6)  # resized 64 -> 32
     assert rendered.masks[0, 2, 2:10, 6:14].all() and rendered.masks[0, 2].sum() == 64
 
     spec["objects"][0]["boxes"] = boxes[:2]
     with pytest.raises(UserError, match=r"objects\[0\].boxes"):
-        data.parse_scene(spec, base_dir=str(tmp_path))
+        scenes.parse_scene(spec, base_dir=str(tmp_path))
     spec["objects"][0]["boxes"] = boxes[:2] + [[30, 2, 40, 10]]
     with pytest.raises(UserError, match=r"objects\[0\].boxes\[2\]"):
-        data.parse_scene(spec, base_dir=str(tmp_path))
+        scenes.parse_scene(spec, base_dir=str(tmp_path))
 
 
 def test_clip_folder_reads_gif_and_scales_boxes(tmp_path):
@@ -132,7 +133,7 @@ def test_clip_folder_reads_gif_and_scales_boxes(tmp_path):
         boxes.append([4 * t, 10, 4 * t + 20, 30])
     iio.imwrite(tmp_path / "walk.gif", clip, duration=100, loop=0)
     (tmp_path / "walk.json").write_text(json.dumps({"objects": [{"boxes": boxes}]}))
-    stream = data.ClipFolder(str(tmp_path), frames=4, size=32, batch_size=2)
+    stream = scenes.ClipFolder(str(tmp_path), frames=4, size=32, batch_size=2)
     batch = stream.batch(0)
     assert batch["video"].shape == (2, 4, 3, 32, 32)
     np.testing.assert_allclose(batch["boxes"][0, 0, 3].numpy(), [14, 5, 24, 15])  # frame 7 of 8, halved
@@ -186,7 +187,7 @@ def test_sample_layout():
 
 def test_scene_json_round_trip():
     scene = data.random_scene(np.random.default_rng(5), frames=8, size=32)
-    again = data.parse_scene(json.loads(json.dumps(data.scene_to_json(scene))))
+    again = scenes.parse_scene(json.loads(json.dumps(scenes.scene_to_json(scene))))
     a, b = data.render(scene), data.render(again)
     assert (a.masks != b.masks).mean() < 0.002  # paths rounded to 1e-3 px
 

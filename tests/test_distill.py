@@ -4,8 +4,8 @@ import sys
 import torch
 
 import common
-import distill as D
-import model as M
+from distill import dmd_loss
+from model import fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
 
@@ -13,13 +13,13 @@ def test_dmd_gradient_is_fake_minus_real_over_the_normaliser():
     torch.manual_seed(0)
     generated = torch.randn(3, 4, 3, 8, 8, requires_grad=True)
     fake, real = torch.randn(3, 4, 3, 8, 8), torch.randn(3, 4, 3, 8, 8)
-    D.dmd_loss(generated, fake, real).backward()
+    dmd_loss(generated, fake, real).backward()
     normaliser = (generated.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
     expected = (fake - real) / normaliser / generated.numel()
     torch.testing.assert_close(generated.grad, expected)
     # A generator already where the teacher is (fake == real) gets no push.
     generated.grad = None
-    D.dmd_loss(generated, real, real).backward()
+    dmd_loss(generated, real, real).backward()
     assert torch.count_nonzero(generated.grad) == 0
 
 
@@ -28,14 +28,14 @@ def test_training_inputs_come_from_the_sampling_path():
     # k by hand gives exactly the clip the sampler itself makes.
     generator = micro_generator()
     first = micro_batch()["video"][:, 0]
-    times = D.fast_times()
+    times = fast_times()
     assert len(times) == 4 and times[0] == 1 and torch.all(times[1:] < times[:-1])
-    full = D.fast_generate(generator, first, torch.Generator().manual_seed(3))
+    full = fast_generate(generator, first, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     noise = torch.randn(2, 4, 3, 16, 16, generator=gen)
-    x_k = D.few_step_sample(generator, noise, times, {"first_frame": first}, gen, stop_after=3)
+    x_k = few_step_sample(generator, noise, times, {"first_frame": first}, gen, stop_after=3)
     with torch.no_grad():
-        last = D.few_step_step(generator, x_k, times[3], {"first_frame": first})
+        last = few_step_step(generator, x_k, times[3], {"first_frame": first})
     torch.testing.assert_close(last.clamp(-1, 1), full)
     torch.testing.assert_close(full[:, 0], first)  # the first frame is kept
 
@@ -44,12 +44,12 @@ def test_fake_score_fits_the_generator_outputs():
     generator = micro_generator()
     fake = micro_generator(seed=1).requires_grad_(True)
     first = micro_batch(batch_size=4)["video"][:, 0]
-    clips = D.fast_generate(generator, first, torch.Generator().manual_seed(0))
+    clips = fast_generate(generator, first, torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(fake.parameters(), lr=2e-3)
     noise, t = torch.randn_like(clips), torch.rand(4) * 0.8 + 0.1
     losses = []
     for _ in range(100):
-        loss = M.flow_matching_loss(fake, clips, first, t=t, noise=noise)
+        loss = flow_matching_loss(fake, clips, first, t=t, noise=noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

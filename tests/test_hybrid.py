@@ -4,18 +4,17 @@ import sys
 
 import torch
 
-import adapter as A
 import common
-import distill as D
-import hybrid_finetune as H
-import model as M
+from adapter import Controlled, build_adapter
+from hybrid_finetune import DiffusionDiscriminator, LOSSES, discriminator_loss, generator_adversarial_loss
+from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
 
 def trained_looking_adapter(generator, seed=0):
     """A ControlNet adapter whose zero-initialised layers have moved, as after stage 1."""
     torch.manual_seed(seed)
-    adapter = A.build_adapter("controlnet", generator)
+    adapter = build_adapter("controlnet", generator)
     torch.nn.init.normal_(adapter.trajectory_embed.weight, std=0.05)
     for layer in adapter.outputs:
         torch.nn.init.normal_(layer.weight, std=0.05)
@@ -24,7 +23,7 @@ def trained_looking_adapter(generator, seed=0):
 
 def discriminator(seed=0):
     slow = micro_generator(seed)
-    return H.DiffusionDiscriminator(A.Controlled(slow, trained_looking_adapter(slow).requires_grad_(False)), [0, 1])
+    return DiffusionDiscriminator(Controlled(slow, trained_looking_adapter(slow).requires_grad_(False)), [0, 1])
 
 
 def test_discriminator_separates_real_from_clearly_fake_clips():
@@ -39,7 +38,7 @@ def test_discriminator_separates_real_from_clearly_fake_clips():
     t = torch.full((4,), 0.3)
     for _ in range(60):
         noise = torch.randn(real.shape, generator=generator)
-        loss = H.discriminator_loss(disc(real, t, noise, cond), disc(fake, t, noise, cond))
+        loss = discriminator_loss(disc(real, t, noise, cond), disc(fake, t, noise, cond))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -52,16 +51,16 @@ def test_discriminator_separates_real_from_clearly_fake_clips():
 def test_adversarial_gradient_reaches_the_adapter_and_only_it():
     fast = micro_generator(seed=2)
     adapter = trained_looking_adapter(fast)
-    model = A.Controlled(fast, adapter)
+    model = Controlled(fast, adapter)
     disc = discriminator()
     batch = micro_batch()
     cond = dict(first_frame=batch["video"][:, 0], trajectory=batch["box_maps"])
-    times = D.fast_times()
+    times = fast_times()
     generator = torch.Generator().manual_seed(0)
-    x_k = D.few_step_sample(model, torch.randn(batch["video"].shape, generator=generator), times, cond,
+    x_k = few_step_sample(model, torch.randn(batch["video"].shape, generator=generator), times, cond,
                             generator, stop_after=2)
-    generated = D.few_step_step(model, x_k.detach(), times[2], cond)
-    loss = H.generator_adversarial_loss(disc(generated, torch.full((2,), 0.5), torch.randn_like(generated), cond))
+    generated = few_step_step(model, x_k.detach(), times[2], cond)
+    loss = generator_adversarial_loss(disc(generated, torch.full((2,), 0.5), torch.randn_like(generated), cond))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
     assert all(p.grad is None for p in fast.parameters())
@@ -73,7 +72,7 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
     generator_checkpoint(tmp_path / "slow.pt", slow, "slow-run")
     common.save_checkpoint(tmp_path / "fast.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
-        "model_config": M.config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
+        "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
     adapter = trained_looking_adapter(slow)
     adapter_checkpoint(tmp_path / "adapter.pt", adapter, slow, "slow-run")
     paths = [f"--slow_generator_ckpt={tmp_path / 'slow.pt'}", f"--fast_generator_ckpt={tmp_path / 'fast.pt'}",
@@ -81,7 +80,7 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "hybrid_finetune.py", "--config=micro", "--batch_size=2",
                                         "--num_workers=0", "--eval_scenes=2", "--disc_blocks=0,1", *args],
                                        capture_output=True, text=True)
-    for loss in H.LOSSES:
+    for loss in LOSSES:
         out = tmp_path / loss
         result = run(*paths, f"--loss={loss}", "--max_steps=2", "--sample_interval=2", f"--out_dir={out}")
         assert result.returncode == 0, result.stderr[-2000:]

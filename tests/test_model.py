@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-import model as M
+from model import (T_MIN, add_noise, apply_rope, build_model, clean_estimate, euler_sample, flow_matching_loss,
+                   generate, rope_3d, sampling_times)
 
 
 def random_final_layer(model):
@@ -17,7 +18,7 @@ def random_final_layer(model):
 
 @pytest.mark.parametrize("name, tokens, params", [("tiny", 512, (0.8e6, 1.5e6)), ("small", 2048, (20e6, 40e6))])
 def test_shapes_for_each_config(name, tokens, params):
-    model = M.build_model(name)
+    model = build_model(name)
     cfg = model.cfg
     x = torch.randn(1, cfg.frames, 3, cfg.size, cfg.size)
     with torch.no_grad():
@@ -31,15 +32,15 @@ def test_shapes_for_each_config(name, tokens, params):
 def test_fresh_model_predicts_a_zero_clean_video():
     # adaLN-Zero zeroes the network's output, the clean-video prediction, so
     # a fresh model's velocity is (x_t - 0) / t, with t clamped at T_MIN.
-    model = M.build_model("micro")
+    model = build_model("micro")
     x, t = torch.randn(3, 4, 3, 16, 16), torch.tensor([0.01, 0.3, 0.8])
-    expected = x / t.clamp(min=M.T_MIN).view(-1, 1, 1, 1, 1)
+    expected = x / t.clamp(min=T_MIN).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(model(x, t, None), expected)
-    torch.testing.assert_close(M.clean_estimate(x, model(x, t, None), t)[1:], torch.zeros_like(x[1:]))
+    torch.testing.assert_close(clean_estimate(x, model(x, t, None), t)[1:], torch.zeros_like(x[1:]))
 
 
 def test_patchify_round_trip():
-    model = M.build_model("micro")
+    model = build_model("micro")
     x = torch.randn(2, 4, 3, 16, 16)
     tokens = model.patchify(x)
     assert tokens.shape == (2, 2 * 4 * 4, 2 * 4 * 4 * 3)
@@ -49,16 +50,16 @@ def test_patchify_round_trip():
 
 
 def test_rope_depends_only_on_relative_position():
-    cos, sin = M.rope_3d((6, 1, 1), head_dim=12)
+    cos, sin = rope_3d((6, 1, 1), head_dim=12)
     q, k = torch.randn(12), torch.randn(12)
-    rot = lambda x, i: M.apply_rope(x.view(1, 1, 1, 12), cos[i:i + 1], sin[i:i + 1]).flatten()
+    rot = lambda x, i: apply_rope(x.view(1, 1, 1, 12), cos[i:i + 1], sin[i:i + 1]).flatten()
     torch.testing.assert_close(rot(q, 1) @ rot(k, 3), rot(q, 2) @ rot(k, 4))
     torch.testing.assert_close(rot(q, 4).norm(), q.norm())
     assert not torch.allclose(rot(q, 1) @ rot(k, 3), rot(q, 1) @ rot(k, 5))
 
 
 def test_hooks_change_the_output_where_they_should():
-    model = random_final_layer(M.build_model("micro"))
+    model = random_final_layer(build_model("micro"))
     x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
     base = model(x, t, x[:, 0])
     zeros = [torch.zeros(2, 32, 32) for _ in model.blocks]
@@ -69,7 +70,7 @@ def test_hooks_change_the_output_where_they_should():
 
 
 def test_first_frame_and_its_dropout():
-    model = random_final_layer(M.build_model("micro"))
+    model = random_final_layer(build_model("micro"))
     x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
     frame = torch.randn(2, 3, 16, 16)
     dropped = model(x, t, None)
@@ -81,11 +82,11 @@ def test_first_frame_and_its_dropout():
 
 
 def test_given_first_frame_is_pinned_exactly():
-    model = random_final_layer(M.build_model("micro"))
+    model = random_final_layer(build_model("micro"))
     frame = torch.rand(2, 3, 16, 16) * 2 - 1
     # Any step count lands frame 0 on the given first frame, frames 1.. move.
     for steps in (1, 4):
-        video = M.generate(model, frame, steps=steps, generator=torch.Generator().manual_seed(0))
+        video = generate(model, frame, steps=steps, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(video[:, 0], frame.clamp(-1, 1))
         assert not torch.allclose(video[:, 1], frame, atol=0.1)
     # Frame 0 of the noisy input is not read where the first frame is given...
@@ -99,13 +100,13 @@ def test_given_first_frame_is_pinned_exactly():
 
 def test_flow_matching_loss_halves_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = M.build_model("micro")
+    model = build_model("micro")
     video = torch.rand(4, 4, 3, 16, 16) * 2 - 1
     noise, t = torch.randn_like(video), torch.rand(4)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(150):
-        loss = M.flow_matching_loss(model, video, video[:, 0], t=t, noise=noise)
+        loss = flow_matching_loss(model, video, video[:, 0], t=t, noise=noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,22 +120,22 @@ def test_euler_sampler_is_exact_on_a_straight_path():
     x0, noise = torch.randn(2, 3), torch.randn(2, 3)
     velocity = lambda x, t: (x - x0) / t[:, None]
     for steps, shift in [(1, 1.0), (4, 3.0), (50, 1.0)]:
-        out = M.euler_sample(velocity, noise, M.sampling_times(steps, shift))
+        out = euler_sample(velocity, noise, sampling_times(steps, shift))
         torch.testing.assert_close(out, x0)
 
 
 def test_time_shift_and_schedule():
-    times = M.sampling_times(4, shift=3.0)
+    times = sampling_times(4, shift=3.0)
     assert times[0] == 1 and times[-1] == 0 and torch.all(times[1:] < times[:-1])
     assert times[2] > 0.5  # shift > 1 spends more of the steps at high noise
-    torch.testing.assert_close(M.clean_estimate(M.add_noise(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.3, 0.9])),
+    torch.testing.assert_close(clean_estimate(add_noise(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.3, 0.9])),
                                                 -torch.ones(2, 3), torch.tensor([0.3, 0.9])), torch.ones(2, 3))
 
 
 def test_guidance_scale_one_is_the_conditional_model():
-    model = random_final_layer(M.build_model("micro"))
+    model = random_final_layer(build_model("micro"))
     frame = torch.randn(1, 3, 16, 16)
-    a = M.generate(model, frame, steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
-    b = M.generate(model, frame, steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
-    c = M.generate(model, frame, steps=3, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    a = generate(model, frame, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    b = generate(model, frame, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    c = generate(model, frame, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(0))
     assert a.shape == (1, 4, 3, 16, 16) and torch.equal(a, b) and not torch.allclose(a, c)
