@@ -135,8 +135,9 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
         raise UserError(f"checkpoint not found: {path}; {how_to_make(path)}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding code
-        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:120]
+    except Exception as e:
+        reason = ("it holds more than tensors and plain values, which weights_only=True refuses to run"
+                  if "Weights only load failed" in str(e) else "truncated, or not written by torch.save")
         raise UserError(f"{path} is not a readable checkpoint ({reason}); {how_to_make(path)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint of this project; {how_to_make(path)}")

@@ -16,6 +16,7 @@ listed back to front: a later object occludes an earlier one.
 import importlib.util
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import imageio.v3 as iio
@@ -394,14 +395,16 @@ def check_video_path(path):
 
 
 def check_writable(path):
-    """Refuse an output file whose folder cannot be made or written, naming it."""
+    """Refuse an output file whose folder cannot be made or written, naming it.
+    A real probe file, not os.access: root may 'access' /proc and still not write there."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give a file name")
     try:
         os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"{path}: cannot make the folder {folder} ({e.strerror})") from None
-    if not os.access(folder, os.W_OK) or os.path.isdir(path):
-        raise UserError(f"{path}: cannot write there")
+        raise UserError(f"{path}: cannot write in {folder} ({e.strerror})") from None
 
 
 def save_video(path, frames, fps=8):
@@ -409,9 +412,11 @@ def save_video(path, frames, fps=8):
     check_video_path(path)
     if path.lower().endswith(".gif"):
         iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    else:  # H.264 wants even sides
-        even = frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2]
-        iio.imwrite(path, np.ascontiguousarray(even), plugin="FFMPEG", fps=fps)
+    else:  # H.264 players want sides in multiples of 16: pad with white, as between the grid's tiles
+        T, H, W = frames.shape[:3]
+        padded = np.full((T, -(-H // 16) * 16, -(-W // 16) * 16, 3), 255, np.uint8)
+        padded[:, :H, :W] = frames
+        iio.imwrite(path, padded, plugin="FFMPEG", fps=fps)
 
 
 def comparison_video(scenes, clips, indices, factor=4):
