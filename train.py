@@ -19,8 +19,8 @@ import sys
 import torch
 
 import data
-from common import (Run, UserError, autocast, ema_decay_at, ema_update, lr_at, noise_seed, parse_flags, require_at_least,
-                    require_one_of, set_lr)
+from common import (Run, UserError, autocast, ema_decay_at, ema_update, lr_at, noise_seed, parse_flags,
+                    require_at_least, require_one_of, set_lr)
 from model import CONFIGS, TIME_SHIFT, build_model, config_dict, flow_matching_loss, generate, video_shape
 from scenes import ClipFolder
 

@@ -1,8 +1,6 @@
 """An adapter trained on mask maps is fed mask maps by every later stage:
 dmd-joint, the stage-3 finetune, and the methods of sample.py / bench.py."""
 
-import torch
-
 import adapter
 import common
 import data

@@ -6,17 +6,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from test_bench import micro_checkpoints
-
 MICRO_SCENE = {"size": 16, "frames": 4, "background": {"kind": "solid", "seed": 1},
                "objects": [{"shape": "square", "color": [230, 40, 40], "size": 5, "path": [[4, 4], [12, 12]]}]}
-
-
-@pytest.fixture
-def setup(tmp_path):
-    micro_checkpoints(tmp_path)
-    (tmp_path / "scene.json").write_text(json.dumps(MICRO_SCENE))
-    return tmp_path
 
 
 def sample(folder, *args):
@@ -24,12 +15,13 @@ def sample(folder, *args):
                            "--scene", str(folder / "scene.json"), *args], capture_output=True, text=True)
 
 
-def test_same_seed_same_video_other_seed_other_video(setup):
+def test_same_seed_same_video_other_seed_other_video(micro_folder):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        result = sample(setup, "--method", "naive", "--seed", str(seed), "--out", str(setup / f"{name}.gif"))
+        out = str(micro_folder / f"{name}.gif")
+        result = sample(micro_folder, "--method", "naive", "--seed", str(seed), "--out", out)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"{name}.gif" in result.stdout
-    a, b, c = (iio.imread(setup / f"{name}.gif") for name in "abc")
+    a, b, c = (iio.imread(micro_folder / f"{name}.gif") for name in "abc")
     assert a.shape[0] == 4 and np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -40,16 +32,16 @@ def test_same_seed_same_video_other_seed_other_video(setup):
     (["--adapter", "dora"], "--adapter must be"),
     (["--seed", "x"], "--seed must be a whole number"),
 ])
-def test_bad_flags_exit_with_one_line_and_write_nothing(setup, args, message):
-    result = sample(setup, *args, "--out", str(setup / "out.gif"))
+def test_bad_flags_exit_with_one_line_and_write_nothing(micro_folder, args, message):
+    result = sample(micro_folder, *args, "--out", str(micro_folder / "out.gif"))
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (setup / "out.gif").exists()
+    assert not (micro_folder / "out.gif").exists()
 
 
-def test_bad_scene_is_refused_naming_the_field(setup):
+def test_bad_scene_is_refused_naming_the_field(micro_folder):
     bad = dict(MICRO_SCENE, objects=[dict(MICRO_SCENE["objects"][0], shape="star")])
-    (setup / "scene.json").write_text(json.dumps(bad))
-    result = sample(setup, "--method", "naive", "--out", str(setup / "out.gif"))
+    (micro_folder / "scene.json").write_text(json.dumps(bad))
+    result = sample(micro_folder, "--method", "naive", "--out", str(micro_folder / "out.gif"))
     assert result.returncode == 1 and "'objects[0].shape'" in result.stderr and "Traceback" not in result.stderr
-    assert not (setup / "out.gif").exists()
+    assert not (micro_folder / "out.gif").exists()

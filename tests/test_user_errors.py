@@ -17,7 +17,6 @@ import hybrid_finetune
 import sample
 import train
 import train_adapter
-from test_bench import micro_checkpoints
 from test_sample import MICRO_SCENE
 
 SCRIPTS = {"train": train, "train_adapter": train_adapter, "distill": distill, "hybrid_finetune": hybrid_finetune,
@@ -46,13 +45,6 @@ def test_the_other_scripts_answer_help_and_refuse_unknown_flags(script):
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def micro(tmp_path):
-    micro_checkpoints(tmp_path)
-    (tmp_path / "scene.json").write_text(json.dumps(MICRO_SCENE))
-    return tmp_path
-
-
 def run_sample(folder, *args):
     """sample.main in this process: (exit message or None)."""
     try:
@@ -73,14 +65,14 @@ def run_sample(folder, *args):
     (["--device=tpu"], "--device must be cpu or cuda"),
     (["--method=teacher", "--steps=-3"], "--steps must be at least 1"),
 ])
-def test_bad_sample_flags_are_refused_before_any_work(micro, args, message):
-    assert message in run_sample(micro, *args)
-    assert not list(micro.glob("*.gif"))
+def test_bad_sample_flags_are_refused_before_any_work(micro_folder, args, message):
+    assert message in run_sample(micro_folder, *args)
+    assert not list(micro_folder.glob("*.gif"))
 
 
-def test_mp4_with_the_ffmpeg_plugin_or_one_line_without_it(micro):
-    out = micro / "clip.mp4"
-    error = run_sample(micro, f"--out={out}")
+def test_mp4_with_the_ffmpeg_plugin_or_one_line_without_it(micro_folder):
+    out = micro_folder / "clip.mp4"
+    error = run_sample(micro_folder, f"--out={out}")
     if HAS_FFMPEG:
         import imageio.v3 as iio
         assert error is None and iio.imread(out, index=None, plugin="FFMPEG").shape[0] == 4
@@ -94,47 +86,48 @@ def test_mp4_with_the_ffmpeg_plugin_or_one_line_without_it(micro):
     ("path", [[4, 4], [12, "x"]], "'objects[0].path[1]'"),
     ("path", [[4, 4], [1e400, 3]], "'objects[0].path[1]'"),
 ])
-def test_a_wrong_object_field_is_named(micro, field, value, named):
+def test_a_wrong_object_field_is_named(micro_folder, field, value, named):
     scene = dict(MICRO_SCENE, objects=[dict(MICRO_SCENE["objects"][0], **{field: value})])
-    (micro / "scene.json").write_text(json.dumps(scene))
-    assert named in run_sample(micro)
+    (micro_folder / "scene.json").write_text(json.dumps(scene))
+    assert named in run_sample(micro_folder)
 
 
-def test_wrong_scene_files_are_named(micro):
+def test_wrong_scene_files_are_named(micro_folder):
     scene = dict(MICRO_SCENE, size="big", background={"kind": "solid", "seed": -1})
-    (micro / "scene.json").write_text(json.dumps(scene))
-    error = run_sample(micro)
+    (micro_folder / "scene.json").write_text(json.dumps(scene))
+    error = run_sample(micro_folder)
     assert "'size'" in error and "'background.seed'" in error
-    (micro / "scene.json").unlink()
-    (micro / "scene.json").mkdir()
-    assert "scene.json: cannot read it" in run_sample(micro)
+    (micro_folder / "scene.json").unlink()
+    (micro_folder / "scene.json").mkdir()
+    assert "scene.json: cannot read it" in run_sample(micro_folder)
 
 
 @pytest.mark.parametrize("content", ["truncated", "text", "code"])
-def test_a_broken_checkpoint_is_named_with_the_command_that_makes_it(micro, content):
-    path = micro / "fast_generator_micro.pt"
+def test_a_broken_checkpoint_is_named_with_the_command_that_makes_it(micro_folder, content):
+    path = micro_folder / "fast_generator_micro.pt"
     if content == "truncated":
         path.write_bytes(path.read_bytes()[:5000])
     elif content == "text":
         path.write_text("not a checkpoint")
     else:  # a pickle that would run code: weights_only refuses it
         torch.save({"kind": "fast_generator", "hook": common.Run}, path)
-    error = run_sample(micro)
+    error = run_sample(micro_folder)
     assert str(path) in error and "python distill.py" in error and "not a readable checkpoint" in error
 
 
-def test_bench_refuses_bad_outputs_and_counts_before_any_work(micro, capsys):
+def test_bench_refuses_bad_outputs_and_counts_before_any_work(micro_folder, capsys):
     for args, message in [(["--json=/proc/r.json"], "/proc/r.json: cannot write"),
                           (["--gif=/proc/b.gif"], "/proc/b.gif: cannot write"),
                           (["--gif=b.avi"], "b.avi: the video must be"),
                           (["--scenes_per_count=0"], "--scenes_per_count must be at least 1"),
                           (["--methods=naive,best"], "unknown method 'best'")]:
         with pytest.raises(SystemExit, match=message):
-            bench.main(["--config=micro", f"--checkpoints={micro}", *args])
+            bench.main(["--config=micro", f"--checkpoints={micro_folder}", *args])
     assert "naive:" not in capsys.readouterr().err  # nothing was generated
 
 
-def test_a_user_error_exits_with_one_line_and_no_traceback(micro):
-    result = subprocess.run([sys.executable, "sample.py", "--config=micro", f"--checkpoints={micro}",
-                             f"--scene={micro / 'scene.json'}", "--out=/proc/x.gif"], capture_output=True, text=True)
+def test_a_user_error_exits_with_one_line_and_no_traceback(micro_folder):
+    result = subprocess.run([sys.executable, "sample.py", "--config=micro", f"--checkpoints={micro_folder}",
+                             f"--scene={micro_folder / 'scene.json'}", "--out=/proc/x.gif"],
+                            capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
