@@ -113,6 +113,56 @@ def generator_adversarial_loss(logits_fake):
     return F.softplus(-logits_fake).mean()
 
 
+def disc_time(batch, max_t, generator, device):
+    """The discriminator's noise levels: low and middle only. Above t ~ 0.6 the
+    noise hides what tells a generated clip from a real one, and the heads
+    learn nothing there."""
+    return 0.02 + (max_t - 0.02) * torch.rand(batch, generator=generator, device=device)
+
+
+# ------------------------------------------ the adapter's two losses, the heads' update ---
+
+def diffusion_loss(model, video, times, k, cond, noise_gen):
+    """The real clip, noised to the time of step k, must come back as itself:
+    pixel supervision that keeps objects on their paths."""
+    with autocast(video.device):
+        noise = torch.randn(video.shape, generator=noise_gen, device=video.device)
+        predicted = few_step_step(model, add_noise(video, noise, times[k].expand(len(video))), times[k], cond)
+    return F.mse_loss(predicted.float(), video)
+
+
+def adversarial_loss(model, discriminator, video, times, k, cond, max_t, noise_gen):
+    """The adapted fast generator's own clip at step k (backward simulation:
+    its first k steps run without grad), judged by the discriminator.
+    Returns (the non-saturating loss, the clip detached)."""
+    device = video.device
+    noise = torch.randn(video.shape, generator=noise_gen, device=device)
+    with torch.no_grad(), autocast(device):
+        x_k = few_step_sample(model, noise, times, cond, noise_gen, stop_after=k)
+    with autocast(device):
+        generated = few_step_step(model, x_k, times[k], cond)
+        t = disc_time(len(video), max_t, noise_gen, device)
+        renoise = torch.randn(video.shape, generator=noise_gen, device=device)
+        loss = generator_adversarial_loss(discriminator(generated, t, renoise, cond).float())
+    return loss, generated.detach().float()
+
+
+def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, noise_gen):
+    """One step of the heads: real clips against generated ones, re-noised alike,
+    in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
+    t = disc_time(len(real), max_t, noise_gen, real.device)
+    noise = torch.randn(real.shape, generator=noise_gen, device=real.device)
+    both = {key: torch.cat([value, value]) for key, value in cond.items()}
+    with autocast(real.device):
+        logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([noise, noise]), both)
+    logits_real, logits_fake = logits.float().chunk(2)
+    loss = discriminator_loss(logits_real, logits_fake)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
+
+
 def index_list(opt, key, count, what):
     """A flag like --disc_blocks=1,3,5 as a list of ints, each in 0..count-1."""
     text = getattr(opt, key)
@@ -186,11 +236,6 @@ def main(argv):
     scenes = data.SpriteWorld(**shape, batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED).batch(0)
     naive = None  # the slow adapter as is on the fast generator, measured once
 
-    def disc_time(B):
-        # Low and middle noise only: above t ~ 0.6 the noise hides what tells a
-        # generated clip from a real one, and the heads learn nothing there.
-        return 0.02 + (opt.disc_max_t - 0.02) * torch.rand(B, generator=noise_gen, device=device)
-
     def held_out(controlled):
         with autocast(device):
             videos = fast_generate(controlled, scenes["video"][:, 0].to(device),
@@ -214,7 +259,6 @@ def main(argv):
         batch = next(batches)
         video = batch["video"].to(device)  # (B, T, C, H, W)
         cond = dict(first_frame=video[:, 0], trajectory=controlled.trajectory(batch).to(device))
-        B = len(video)
         noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
         set_lr(opt_adapter, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         # One step k of the 4-step list for the whole batch, keyed on the step alone (all ranks agree).
@@ -222,30 +266,17 @@ def main(argv):
         choices = sorted(diffusion_steps) if opt.loss == "diffusion" else range(len(times))
         key = torch.Generator().manual_seed(opt.seed * 7919 + step)
         k = choices[int(torch.randint(len(choices), (1,), generator=key))]
-        t_k = times[k].expand(B)
         record = {"k": k}
         loss = torch.zeros((), device=device)
-
-        if use_diffusion and k in diffusion_steps:  # the real clip, noised to t_k, must come back as itself
-            with autocast(device):
-                noisy_real = add_noise(video, torch.randn(video.shape, generator=noise_gen, device=device), t_k)
-                predicted = few_step_step(train_model, noisy_real, times[k], cond)
-            diffusion = F.mse_loss(predicted.float(), video)
+        if use_diffusion and k in diffusion_steps:
+            diffusion = diffusion_loss(train_model, video, times, k, cond, noise_gen)
             loss = loss + diffusion
             record["diffusion"] = round(diffusion.item(), 5)
-
-        if use_adversarial:  # the generator's own clip at step k, judged by the discriminator
-            noise = torch.randn(video.shape, generator=noise_gen, device=device)
-            with torch.no_grad(), autocast(device):
-                x_k = few_step_sample(train_model, noise, times, cond, noise_gen, stop_after=k)
-            with autocast(device):
-                generated = few_step_step(train_model, x_k, times[k], cond)
-                t = disc_time(B)
-                renoise = torch.randn(video.shape, generator=noise_gen, device=device)
-                adversarial = generator_adversarial_loss(discriminator(generated, t, renoise, cond).float())
+        if use_adversarial:
+            adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k, cond, opt.disc_max_t,
+                                                 noise_gen)
             loss = loss + (opt.lambda_adv if opt.loss == "hybrid" else 1.0) * adversarial
             record["adversarial"] = round(adversarial.item(), 5)
-
         loss.backward()
         discriminator.heads.zero_grad(set_to_none=True)  # the adapter's loss must not train the heads
         record["adapter_grad_norm"] = round(torch.nn.utils.clip_grad_norm_(adapter.parameters(),
@@ -254,22 +285,12 @@ def main(argv):
         opt_adapter.zero_grad(set_to_none=True)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
 
-        if use_adversarial:  # discriminator heads: real clips vs the generator's (detached) clips
+        if use_adversarial:  # the heads learn from the same generated clips
             set_lr(opt_disc, lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps))
-            fake = generated.detach().float()
             for _ in range(opt.disc_steps):
-                t = disc_time(B)
-                noise = torch.randn(video.shape, generator=noise_gen, device=device)
-                both = {key: torch.cat([value, value]) for key, value in cond.items()}
-                with autocast(device):  # one forward for real and fake (DDP wants one per backward)
-                    logits = train_disc(torch.cat([video, fake]), torch.cat([t, t]), torch.cat([noise, noise]), both)
-                logits_real, logits_fake = logits.float().chunk(2)
-                disc_loss = discriminator_loss(logits_real, logits_fake)
-                disc_loss.backward()
-                opt_disc.step()
-                opt_disc.zero_grad(set_to_none=True)
-            accuracy = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
-            record.update(disc=round(disc_loss.item(), 5), d_accuracy=round(accuracy, 3))
+                disc_loss, accuracy = discriminator_update(train_disc, opt_disc, video, fake, cond, opt.disc_max_t,
+                                                           noise_gen)
+            record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
 
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt,
@@ -283,7 +304,7 @@ def main(argv):
             a, b = record["held_out"]["finetuned"], record["held_out"]["naive"]
             run.write(f"step {run.step}: held-out mIoU {a['miou']:.3f} (naive {b['miou']:.3f}), "
                       f"centre error {a['center_err_px']:.2f}px ({b['center_err_px']:.2f}px)")
-        run.log(record, clips=B)
+        run.log(record, clips=len(video))
 
 
 if __name__ == "__main__":
