@@ -64,6 +64,27 @@ FLAGS = dict(
 )
 
 
+# ------------------------------------------------------ the score networks ---
+
+def score_networks(opt, device):
+    """The real score: the frozen teacher (with its slow adapter for dmd-joint,
+    guidance then acts on the trajectory). The fast generator G and the fake
+    score: trainable copies of it. Returns them with the teacher's and the
+    adapter's checkpoints (None without --controlled)."""
+    teacher = load_checkpoint(opt.teacher_ckpt, kind="slow_generator")
+    slow_generator = model_from_checkpoint(teacher).to(device).requires_grad_(False).eval()
+    if slow_generator.cfg != CONFIGS[opt.config]:
+        raise UserError(f"{opt.teacher_ckpt} is not a '{opt.config}' generator")
+    real_score, adapter_ckpt = slow_generator, None
+    if opt.controlled:
+        adapter_ckpt = load_checkpoint(opt.adapter_ckpt, kind="slow_adapter")
+        slow_adapter = adapter_from_checkpoint(adapter_ckpt, slow_generator, teacher).requires_grad_(False)
+        real_score = Controlled(slow_generator, slow_adapter.to(device))
+    fast_generator = copy.deepcopy(real_score).requires_grad_(True).train()
+    fake_score = copy.deepcopy(real_score).requires_grad_(True).train()
+    return teacher, adapter_ckpt, real_score, fast_generator, fake_score
+
+
 # ----------------------------------------------------------- the DMD loss ---
 
 def dmd_loss(generated, fake_x0, real_x0):
@@ -126,21 +147,7 @@ def main(argv):
     run = Run(opt, kind=kind)
     device = run.device
 
-    # -- the real score: the frozen teacher (with its adapter for dmd-joint)
-    teacher = load_checkpoint(opt.teacher_ckpt, kind="slow_generator")
-    slow_generator = model_from_checkpoint(teacher).to(device).requires_grad_(False).eval()
-    if slow_generator.cfg != CONFIGS[opt.config]:
-        raise UserError(f"{opt.teacher_ckpt} is not a '{opt.config}' generator")
-    adapter_ckpt = load_checkpoint(opt.adapter_ckpt, kind="slow_adapter") if opt.controlled else None
-    if opt.controlled:
-        slow_adapter = adapter_from_checkpoint(adapter_ckpt, slow_generator, teacher).requires_grad_(False)
-        real_score = Controlled(slow_generator, slow_adapter.to(device))
-    else:
-        real_score = slow_generator
-
-    # -- the fast generator and the fake score: trainable copies of it
-    fast_generator = copy.deepcopy(real_score).requires_grad_(True).train()
-    fake_score = copy.deepcopy(real_score).requires_grad_(True).train()
+    teacher, adapter_ckpt, real_score, fast_generator, fake_score = score_networks(opt, device)
     ema_generator = copy.deepcopy(fast_generator).requires_grad_(False).eval()
     opt_generator = torch.optim.AdamW(fast_generator.parameters(), lr=opt.lr_generator, betas=(0.0, 0.999),
                                       weight_decay=0.0)
@@ -224,8 +231,8 @@ def main(argv):
             run.save(fast_generator, parent=teacher["run_id"], parent_path=opt.teacher_ckpt,
                      adapter_parent=adapter_ckpt["run_id"] if opt.controlled else None,
                      condition=adapter_ckpt["condition"] if opt.controlled else None,
-                     model_config=config_dict(slow_generator),
-                     adapter_config=slow_adapter.config() if opt.controlled else None,
+                     model_config=config_dict(fast_generator),
+                     adapter_config=real_score.adapter.config() if opt.controlled else None,
                      fast_times=FAST_TIMES, time_shift=TIME_SHIFT, model=fast_generator.state_dict(),
                      ema=ema_generator.state_dict(), fake_score=fake_score.state_dict(),
                      opt_generator=opt_generator.state_dict(), opt_fake=opt_fake.state_dict())
