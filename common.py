@@ -46,7 +46,7 @@ def parse_flags(flags, argv, doc):
             raise UserError(f"expected --key=value or --key value, got '{arg}' (--help lists the flags)")
         key, text = arg[2:].split("=", 1)
         if key not in flags:
-            raise UserError(f"unknown option --{key} (known: {', '.join(sorted(flags))})")
+            raise UserError(f"unknown option --{key} (known: {', '.join(sorted(flags)) or 'none'})")
         default = flags[key][0]
         values[key] = parse_value(key, text, default if isinstance(default, type) else type(default))
     return SimpleNamespace(**values)
@@ -75,7 +75,7 @@ def parse_value(key, text, kind):
 
 
 def usage(flags, doc):
-    lines = [doc.strip(), "", "flags (--key=value or --key value):"]
+    lines = [doc.strip(), "", "flags (--key=value or --key value):" if flags else "no flags"]
     for name, (default, help_line) in flags.items():
         shown = "(not set)" if isinstance(default, type) else default
         lines.append(f"  --{name}={shown}".ljust(34) + f" {help_line}")
