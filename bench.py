@@ -19,7 +19,7 @@ import torch
 import data
 import fvd
 import metrics
-from common import UserError, parse_flags, require_at_least, require_one_of
+from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
 from model import CONFIGS, video_shape
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
@@ -92,7 +92,7 @@ def main(argv):
     if not names:
         raise UserError(f"no method has its checkpoints in {opt.checkpoints}/: run bash pipeline.sh {opt.config}")
     if opt.json:
-        data.check_writable(opt.json)
+        check_writable(opt.json)
     if opt.gif:
         data.check_video_path(opt.gif)
     if opt.scenes:
@@ -106,7 +106,6 @@ def main(argv):
     if not os.path.exists(encoder_path):
         raise UserError(f"FVD needs {encoder_path}, which is missing: make it with python fvd.py --config={opt.config}")
     encoder, reference = fvd.load_encoder(encoder_path)
-    torch.set_grad_enabled(False)
 
     results, clips = {}, {}
     for name in names:
@@ -124,6 +123,7 @@ def main(argv):
     print_tables(results, real)
 
     if opt.json:
+        os.makedirs(os.path.dirname(os.path.abspath(opt.json)), exist_ok=True)
         with open(opt.json, "w") as f:
             json.dump({"methods": results, "real": real, "settings": vars(opt)}, f, indent=1)
     if opt.gif:

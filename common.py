@@ -62,11 +62,13 @@ def parse_value(key, text, kind):
             value = int(text)
             if key == "seed" and not 0 <= value < 2 ** 32:  # torch and numpy seeds, with room for offsets
                 raise UserError(f"--seed must be a whole number from 0 to {2 ** 32 - 1}, got '{text}'")
+            if value < 0:  # every count, step and size of this project is >= 0
+                raise UserError(f"--{key} must not be negative, got '{text}'")
             return value
         if kind is float:
             value = float(text)
-            if not math.isfinite(value):
-                raise UserError(f"--{key} must be a finite number, got '{text}'")
+            if not math.isfinite(value) or value < 0:  # rates, weights, probabilities, guidance: all >= 0
+                raise UserError(f"--{key} must be a finite number, not negative, got '{text}'")
             return value
         return text
     except ValueError:
@@ -93,6 +95,24 @@ def require_at_least(opt, keys, minimum=1):
 def require_one_of(opt, key, choices):
     if getattr(opt, key) not in choices:
         raise UserError(f"--{key} must be one of {', '.join(choices)}, got '{getattr(opt, key)}'")
+
+
+def check_writable(path):
+    """Refuse, before any work, an output file that cannot be written, naming
+    it; nothing is created. The nearest existing folder on its way must take a
+    file: a real probe, not os.access (root may 'access' /proc and still not
+    write there)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give a file name")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UserError(f"{path}: {existing} is a file, not a folder")
+        existing = os.path.dirname(existing)
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {existing} ({e.strerror})") from None
 
 
 # ----------------------------------------------------------- checkpoints ----
@@ -180,6 +200,7 @@ class Run:
         self.path = os.path.join(opt.out_dir, "ckpt.pt")
         if os.path.exists(self.path) and not opt.resume:
             raise UserError(f"{self.path} exists: pass --resume=true to continue it, or choose another --out_dir")
+        check_writable(self.path)
         self.rank, self.world_size, self.device = setup_distributed()
         self.master = self.rank == 0
         torch.manual_seed(opt.seed)  # identical initial weights on every rank

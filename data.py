@@ -16,7 +16,6 @@ listed back to front: a later object occludes an earlier one.
 import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import imageio.v3 as iio
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common import UserError, parse_flags, require_at_least, require_one_of
+from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 BACKGROUNDS = ("solid", "gradient", "noise", "stripes")
@@ -394,22 +393,10 @@ def check_video_path(path):
     check_writable(path)
 
 
-def check_writable(path):
-    """Refuse an output file whose folder cannot be made or written, naming it.
-    A real probe file, not os.access: root may 'access' /proc and still not write there."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder: give a file name")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"{path}: cannot write in {folder} ({e.strerror})") from None
-
-
 def save_video(path, frames, fps=8):
     """Write (T, H, W, 3) uint8 frames as a looping GIF, or as an MP4."""
     check_video_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".gif"):
         iio.imwrite(path, frames, duration=1000 / fps, loop=0)
     else:  # H.264 players want sides in multiples of 16: pad with white, as between the grid's tiles

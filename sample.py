@@ -157,7 +157,6 @@ def main(argv):
     out = opt.out or os.path.join("samples", f"{opt.method}_{name}.gif")
     data.check_video_path(out)  # before any work: a bad --out loses nothing
     scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
-    torch.set_grad_enabled(False)
     method = load_method(opt.method, opt.config, opt.adapter, opt.checkpoints, device)
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, opt.steps, opt.guidance, opt.seed)

@@ -63,7 +63,7 @@ def run_sample(folder, *args):
     (["--guidance=nan"], "--guidance must be a finite number"),
     (["--out=clip.png"], "clip.png: the video must be a .gif or an .mp4 file"),
     (["--device=tpu"], "--device must be cpu or cuda"),
-    (["--method=teacher", "--steps=-3"], "--steps must be at least 1"),
+    (["--method=teacher", "--steps=-3"], "--steps must not be negative"),
 ])
 def test_bad_sample_flags_are_refused_before_any_work(micro_folder, args, message):
     assert message in run_sample(micro_folder, *args)
@@ -131,3 +131,15 @@ def test_a_user_error_exits_with_one_line_and_no_traceback(micro_folder):
                              f"--scene={micro_folder / 'scene.json'}", "--out=/proc/x.gif"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir=/proc/run"], "/proc/run/ckpt.pt: cannot write in /proc"),
+    (["--out_dir=README.md/run"], "README.md is a file, not a folder"),
+    (["--lr=-1"], "--lr must be a finite number, not negative"),
+    (["--num_workers=-1"], "--num_workers must not be negative"),
+])
+def test_a_training_run_refuses_bad_flags_and_outputs_before_it_starts(args, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--config=micro", f"--out_dir={tmp_path / 'run'}", *args])
+    assert not (tmp_path / "run").exists()
