@@ -301,9 +301,8 @@ def main(argv):
                      opt_disc=opt_disc.state_dict())
         if run.master and run.due(opt.sample_interval):
             record["held_out"] = evaluate()
-            a, b = record["held_out"]["finetuned"], record["held_out"]["naive"]
-            run.write(f"step {run.step}: held-out mIoU {a['miou']:.3f} (naive {b['miou']:.3f}), "
-                      f"centre error {a['center_err_px']:.2f}px ({b['center_err_px']:.2f}px)")
+            run.write(f"step {run.step}: " + metrics.versus(record["held_out"]["finetuned"],
+                                                           record["held_out"]["naive"], "naive"))
         run.log(record, clips=len(video))
 
 

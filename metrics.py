@@ -97,6 +97,12 @@ def batch_trajectory_accuracy(videos, batch):
                                 batch["n_objects"][i]) for i in range(len(videos))]
 
 
+def versus(ours, baseline, baseline_name):
+    """One log line: mean accuracy of ours, a baseline's in brackets."""
+    return (f"held-out mIoU {ours['miou']:.3f} ({baseline_name} {baseline['miou']:.3f}), "
+            f"centre error {ours['center_err_px']:.2f}px ({baseline['center_err_px']:.2f}px)")
+
+
 def mean_of(results):
     """Average a list of metric dicts key by key."""
     return {key: sum(r[key] for r in results) / len(results) for key in results[0]}

@@ -153,9 +153,8 @@ def main(argv):
                      optimizer=optimizer.state_dict())
         if run.master and run.due(opt.sample_interval):
             record["held_out"] = evaluate()
-            a, b = record["held_out"]["adapter"], record["held_out"]["no_adapter"]
-            run.write(f"step {run.step}: held-out mIoU {a['miou']:.3f} (generator alone {b['miou']:.3f}), "
-                      f"centre error {a['center_err_px']:.2f}px ({b['center_err_px']:.2f}px)")
+            run.write(f"step {run.step}: " + metrics.versus(record["held_out"]["adapter"],
+                                                           record["held_out"]["no_adapter"], "generator alone"))
         run.log(record, clips=opt.batch_size)
 
 
