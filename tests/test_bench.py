@@ -46,6 +46,9 @@ def test_bench_runs_every_available_method_and_writes_json(tmp_path):
                 "by_objects"} <= set(saved[name])
         assert saved[name]["fvd"] >= 0 and -1 <= saved[name]["ssim"] <= 1
         assert len(saved[name]["by_objects"]) == 6 and 0 <= saved[name]["miou"] <= 1
+        for key in ("miou", "box_iou", "center_err_px"):  # intervals over the scenes, around their mean
+            lo, hi = saved[name][f"{key}_ci"]
+            assert lo <= saved[name][key] <= hi
     assert saved["teacher"]["nfe"] == 6 and saved["naive"]["nfe"] == 4  # CFG: two calls per step
     assert (tmp_path / "b.gif").exists()
 

@@ -87,3 +87,16 @@ def test_ssim_of_one_window_matches_the_formula():
         c1, c2 = 0.02 ** 2, 0.06 ** 2
         expected.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
     assert abs(metrics.ssim(x, y) - torch.stack(expected).mean().item()) < 1e-10
+
+
+def test_bootstrap_interval_of_a_mean_has_the_textbook_width():
+    values = torch.randn(400, generator=torch.Generator().manual_seed(0)).tolist()
+    lo, hi = metrics.mean_interval(values)
+    mean = sum(values) / len(values)
+    assert lo < mean < hi
+    # the standard error of a mean of 400 unit-variance values is 1/20: 95% is +-1.96/20
+    assert 0.8 * 2 * 1.96 / 20 < hi - lo < 1.2 * 2 * 1.96 / 20, (lo, hi)
+    assert metrics.mean_interval(values) == [lo, hi]  # seeded: the same interval every run
+    assert metrics.mean_interval([0.5] * 10) == [0.5, 0.5]
+    narrow = metrics.mean_interval(values * 4)  # four times the scenes: half the width
+    assert 0.4 < (narrow[1] - narrow[0]) / (hi - lo) < 0.6
