@@ -110,20 +110,14 @@ def mean_of(results):
 
 # --------------------------------------------------------------- intervals --
 
-def bootstrap_interval(statistic, n, resamples=1000, level=0.95, seed=0):
-    """Percentile bootstrap over n scenes: `statistic(indices)` recomputed on
-    `resamples` draws of n scene indices with replacement (another bench of
-    the same size), and the central `level` of its values: [lo, hi]."""
-    draws = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    values = torch.tensor([float(statistic(indices)) for indices in draws], dtype=torch.float64)
-    tail = (1 - level) / 2
-    return torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-
-
-def mean_interval(values, **kwargs):
-    """bootstrap_interval of the mean of per-scene values (a list of floats)."""
+def mean_interval(values, resamples=1000, level=0.95, seed=0):
+    """Percentile bootstrap interval of the mean of per-scene values (a list of
+    floats): the scenes drawn again with replacement `resamples` times (another
+    bench of the same size), the central `level` of the means: [lo, hi]."""
     values = torch.tensor(values, dtype=torch.float64)
-    return bootstrap_interval(lambda indices: values[indices].mean(), len(values), **kwargs)
+    draws = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    tail = (1 - level) / 2
+    return torch.quantile(values[draws].mean(1), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
 
 
 # ------------------------------------------------------------ video quality --
