@@ -1,12 +1,14 @@
-"""FlashBench at our scale: trajectory accuracy, video quality and speed of
-every method (sample.py's registry), on the same held-out scenes, first
-frames and noise, by number of objects.
+"""FlashBench at our scale: video quality (FID, FVD), trajectory accuracy
+(mask IoU, box IoU) and speed of every method (sample.py's registry), on the
+same held-out scenes, first frames and noise, by number of objects; every
+figure with a 95% bootstrap interval over the scenes.
 
     python bench.py                                  # every method whose checkpoints exist
     python bench.py --methods=teacher,naive,flashmotion --scenes_per_count=8
     python bench.py --json=results.json --gif=docs/bench.gif
     python bench.py --scenes=scenes/                 # every *.json scene file in a folder instead
-                                                     # (FVD of a few clips is mostly noise: see its real row)
+                                                     # (FID/FVD of a few clips is mostly noise: see its real row)
+    python bench.py --instruments                    # the instruments on real clips with known flaws
 """
 
 import glob
@@ -17,6 +19,7 @@ import sys
 import torch
 
 import data
+import degrade
 import fvd
 import metrics
 from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
@@ -35,59 +38,114 @@ FLAGS = dict(
     guidance=(3.0, "trajectory CFG of the teacher, 50 and 4 steps (docs/results.md: w = 3 is the best)"),
     seed=(0, "seed of the noise; the second sample of each scene uses seed + 1000"),
     json=("", "write the results here"),
+    instruments=(False, "instead of methods: the instruments on real clips with known flaws (degrade.py)"),
     gif=("", "write a side-by-side video here (.gif or .mp4)"),
 )
-COLUMNS = ["miou", "box_iou", "center_err_px", "fvd", "psnr", "ssim", "roughness", "motion", "clipped",
-           "diversity", "nfe", "ms_per_video"]
+# The paper's FlashBench columns first, then our extra statistics.
+PAPER_COLUMNS = ["fid", "fvd", "miou", "box_iou", "nfe", "ms_per_video"]
+EXTRA_COLUMNS = ["center_err_px", "psnr", "ssim", "roughness", "motion", "clipped", "diversity"]
+HEADINGS = {"fid": "FID", "fvd": "FVD", "miou": "Mask IoU", "box_iou": "Box IoU", "nfe": "NFE",
+            "ms_per_video": "ms / video"}
+
+
+FLOOR_SEED = data.HELD_OUT_SEED + 100  # the real clips of the floor: other scenes than the bench's
+
+
+def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED):
+    """per_count held-out scenes (data.Scene) for each object count 1..MAX_OBJECTS."""
+    return [scene for n in range(1, data.MAX_OBJECTS + 1)
+            for scene in data.SpriteWorld(**video_shape(config), batch_size=per_count, seed=seed + n,
+                                          n_objects=n).scenes(0)]
 
 
 def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED):
-    """per_count held-out scenes for each object count 1..MAX_OBJECTS, in one batch dict."""
-    batches = [data.SpriteWorld(**video_shape(config), batch_size=per_count, seed=seed + n, n_objects=n).batch(0)
-               for n in range(1, data.MAX_OBJECTS + 1)]
-    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    """The same scenes as one batch dict (data.collate's keys)."""
+    size = video_shape(config)["size"]
+    return data.collate([data.to_sample(data.render(s), size) for s in benchmark_scene_list(config, per_count, seed)])
 
 
-def measure(method, scenes, encoder, reference, opt):
-    """One method's row: accuracy (first seed), FVD (both seeds), quality statistics, speed."""
+def per_scene_figures(videos, scenes, other=None):
+    """Accuracy and quality statistics of each clip against its scene: a list of dicts."""
+    accuracy = metrics.batch_trajectory_accuracy(videos, scenes)
+    truth = scenes["video"]
+    pairs = lambda i: (videos[i:i + 1], truth[i:i + 1])
+    return [{**accuracy[i], **metrics.quality(*pairs(i), None if other is None else other[i:i + 1]),
+             "ssim": metrics.ssim(*pairs(i))} for i in range(len(videos))]
+
+
+def summarise(figures):
+    """Means of per-scene figures, each with its 95% bootstrap interval over the scenes."""
+    result = metrics.mean_of(figures)
+    for key in figures[0]:
+        result[f"{key}_ci"] = metrics.mean_interval([f[key] for f in figures])
+    return result
+
+
+def measure(method, scenes, encoder, references, opt):
+    """One method's row: FID and FVD (both seeds), accuracy (first seed), quality statistics, speed."""
     videos, seconds = generate_clips(method, scenes, guidance=opt.guidance, seed=opt.seed)
     other, _ = generate_clips(method, scenes, guidance=opt.guidance, seed=opt.seed + 1000)
-    accuracy = metrics.batch_trajectory_accuracy(videos, scenes)
-    # FVD on both samples of every scene (2 x 6 x scenes_per_count clips) against the real statistics.
-    # (No interval yet: drawing scenes with replacement duplicates clips, and FVD, biased upward at
-    # few clips, lands above the estimate itself: docs/results.md.)
-    result = {**metrics.mean_of(accuracy), **metrics.quality(videos, scenes["video"], other),
-              "ssim": metrics.ssim(videos, scenes["video"]),
-              "fvd": fvd.fvd(encoder, reference, torch.cat([videos, other])),
+    figures = per_scene_figures(videos, scenes, other)
+    result = {**fvd.frechet_scores(encoder, *references, torch.stack([videos, other], 1)), **summarise(figures),
               "nfe": method.nfe(opt.guidance), "ms_per_video": 1000 * seconds}
-    for key in accuracy[0]:  # 95% intervals over scenes
-        result[f"{key}_ci"] = metrics.mean_interval([a[key] for a in accuracy])
     counts = scenes["n_objects"].tolist()
-    result["by_objects"] = {n: metrics.mean_of([a for a, c in zip(accuracy, counts) if c == n])
+    result["by_objects"] = {n: metrics.mean_of([f for f, c in zip(figures, counts) if c == n])
                             for n in sorted(set(counts))}
     return result, videos
 
 
+def cell(value):
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def table(rows, columns, headings=None):
+    """A markdown table: rows {name: {column: value}}, '-' where a row lacks a column."""
+    names = [str((headings or {}).get(c, c)) for c in columns]
+    lines = [f"| method | {' | '.join(names)} |", "|" + " --- |" * (len(columns) + 1)]
+    lines += [f"| {name} | " + " | ".join(cell(r[c]) if c in r else "-" for c in columns) + " |"
+              for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def with_interval(r, key):
+    lo, hi = r[f"{key}_ci"]
+    return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def print_tables(results, real):
-    print(f"| method | {' | '.join(COLUMNS)} |")
-    print("|" + " --- |" * (len(COLUMNS) + 1))
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
-                                        for c in COLUMNS) + " |")
-    print(f"| real clips | 1.000 | - | 0.000 | {real['fvd']:.3f} | - | 1.000 | {real['roughness']:.3f} | "
-          f"{real['motion']:.3f} | {real['clipped']:.3f} | - | - | - |")
+    print(table({**results, "real clips": real}, PAPER_COLUMNS + EXTRA_COLUMNS, HEADINGS))
     print("\n95% bootstrap intervals over scenes:\n")
-    print("| method | miou | box_iou | center_err_px |")
-    print("|" + " --- |" * 4)
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r[c]:.3f} [{r[c + '_ci'][0]:.3f}, {r[c + '_ci'][1]:.3f}]"
-                                        for c in ("miou", "box_iou", "center_err_px")) + " |")
-    print("\nmIoU by number of objects:\n")
+    keys = [c for c in PAPER_COLUMNS + EXTRA_COLUMNS if f"{c}_ci" in next(iter(results.values()))]
+    print(table({name: {k: with_interval(r, k) for k in keys if f"{k}_ci" in r} for name, r in
+                 {**results, "real clips": real}.items()}, keys, HEADINGS))
     counts = sorted(next(iter(results.values()))["by_objects"])
-    print("| method | " + " | ".join(str(n) for n in counts) + " |")
-    print("|" + " --- |" * (len(counts) + 1))
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r['by_objects'][n]['miou']:.3f}" for n in counts) + " |")
+    for key in ("miou", "box_iou"):
+        print(f"\n{HEADINGS[key]} by number of objects:\n")
+        print(table({name: {n: r["by_objects"][n][key] for n in counts} for name, r in results.items()}, counts))
+
+
+def instruments(opt, encoder, references):
+    """FlashBench's instruments on real clips drawn with known flaws
+    (degrade.py): every figure next to the floor of two sets of real clips
+    of the bench's size (a method's two samples of each scene)."""
+    scene_list = benchmark_scene_list(opt.config, 2 * opt.scenes_per_count)
+    truth = data.collate([data.to_sample(data.render(s), s.size) for s in scene_list])
+    floor = benchmark_scene_list(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED)
+    rows = {}
+    for name, kind, strength, scenes in [("real, set A", "blur", 0, scene_list), ("real, set B", "blur", 0, floor)] + [
+            (f"{kind} {strength}", kind, strength, scene_list)
+            for kind, (_, strengths, _) in degrade.DEGRADATIONS.items() for strength in strengths]:
+        clips = degrade.degraded_clips(scenes, kind, strength, seed=opt.seed)
+        figures = per_scene_figures(clips, truth) if scenes is scene_list else None
+        rows[name] = {**fvd.frechet_scores(encoder, *references, clips[:, None]),
+                      **(summarise(figures) if figures else {})}
+        print(f"{name}: FID {rows[name]['fid']:.2f}, FVD {rows[name]['fvd']:.2f}", file=sys.stderr)
+    keys = ["fid", "fvd", "miou", "box_iou", "roughness", "motion"]
+    print(table({name: {k: with_interval(r, k) for k in keys if k in r} for name, r in rows.items()}, keys, HEADINGS))
+    print("\nstrengths: " + "; ".join(f"{kind}: {unit}" for kind, (_, _, unit) in degrade.DEGRADATIONS.items()))
+    return rows
 
 
 def main(argv):
@@ -99,7 +157,7 @@ def main(argv):
                                                                                  opt.checkpoints))]
     for name in names:
         check_method(name)
-    if not names:
+    if not names and not opt.instruments:
         raise UserError(f"no method has its checkpoints in {opt.checkpoints}/: run bash pipeline.sh {opt.config}")
     if opt.json:
         check_writable(opt.json)
@@ -114,33 +172,42 @@ def main(argv):
         scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
     encoder_path = os.path.join(opt.checkpoints, f"video_encoder_{opt.config}.pt")
     if not os.path.exists(encoder_path):
-        raise UserError(f"FVD needs {encoder_path}, which is missing: make it with python fvd.py --config={opt.config}")
-    encoder, reference = fvd.load_encoder(encoder_path)
+        raise UserError(f"FID and FVD need {encoder_path}, which is missing: make it with "
+                        f"python fvd.py --config={opt.config}")
+    encoder, *references = fvd.load_encoder(encoder_path)
+    if opt.instruments:
+        write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
+        return
 
     results, clips = {}, {}
     for name in names:
         method = load_method(name, opt.config, opt.adapter, opt.checkpoints, teacher_steps=opt.teacher_steps)
-        results[name], clips[name] = measure(method, scenes, encoder, reference, opt)
+        results[name], clips[name] = measure(method, scenes, encoder, references, opt)
         r = results[name]
-        print(f"{name}: mIoU {r['miou']:.3f}, centre error {r['center_err_px']:.2f}px, FVD {r['fvd']:.2f}, "
-              f"PSNR {r['psnr']:.2f}, {r['ms_per_video']:.0f} ms/video", file=sys.stderr)
-    real = metrics.quality(scenes["video"], scenes["video"])
-    # The FVD floor: as many real clips as a method has, from other scenes of the same object counts.
+        print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "
+              f"{r['ms_per_video']:.0f} ms/video", file=sys.stderr)
+    # The floor: as many real clips as a method has, from other scenes of the same object counts.
     floor = (data.SpriteWorld(**video_shape(opt.config), batch_size=2 * len(scenes["video"]),
-                              seed=data.HELD_OUT_SEED + 100).batch(0) if opt.scenes else
-             benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=data.HELD_OUT_SEED + 100))
-    real["fvd"] = fvd.fvd(encoder, reference, floor["video"])
+                              seed=FLOOR_SEED).batch(0) if opt.scenes else
+             benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED))
+    real = {**fvd.frechet_scores(encoder, *references, floor["video"][:, None]),
+            **metrics.mean_of(metrics.batch_trajectory_accuracy(scenes["video"], scenes)),
+            **metrics.quality(scenes["video"], scenes["video"]), "ssim": 1.0}
+    del real["psnr"]  # infinite against itself
     print_tables(results, real)
-
-    if opt.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opt.json)), exist_ok=True)
-        with open(opt.json, "w") as f:
-            json.dump({"methods": results, "real": real, "settings": vars(opt)}, f, indent=1)
+    write_json(opt.json, {"methods": results, "real": real, "settings": vars(opt)})
     if opt.gif:
         # one scene with 1, 3 and 5 objects (a folder: its first three scenes)
         picks = range(min(3, len(scenes["video"]))) if opt.scenes else [i * opt.scenes_per_count for i in (0, 2, 4)]
         data.save_video(opt.gif, data.comparison_video(scenes, list(clips.values()), picks))
         print(f"\nside by side (truth, {', '.join(results)}): {opt.gif}", file=sys.stderr)
+
+
+def write_json(path, results):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

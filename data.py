@@ -329,6 +329,11 @@ class SpriteWorld(BatchStream):
         super().__init__(batch_size, seed, rank, start)
         self.frames, self.size, self.n_objects = frames, size, n_objects
 
+    def scenes(self, index):
+        """The scenes behind batch `index`, as data.Scene objects."""
+        return [random_scene(self.rng(index, j), self.frames, self.size, self.n_objects)
+                for j in range(self.batch_size)]
+
     def sample(self, rng):
         return to_sample(render(random_scene(rng, self.frames, self.size, self.n_objects)), self.size)
 

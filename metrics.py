@@ -1,29 +1,55 @@
 """Measuring generated clips: how well objects follow their trajectories.
 
-The sprite world's objects each have a saturated colour of their own, so a
-colour segmentation finds them in a generated clip without any learned
-detector. Every stage and bench.py measure trajectory accuracy with the one
+The sprite world's objects each have a saturated colour of their own over a
+static, desaturated background, so a colour segmentation finds them in a
+generated clip without any learned detector. Every stage and bench.py measure trajectory accuracy with the one
 function here, `trajectory_accuracy`.
 """
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
-# A pixel belongs to an object when its colour is the nearest of the scene's
-# object colours and closer than this (Euclidean RGB distance, channels in
-# [0, 1]). Checked on real clips: it recovers the visible masks (test_metrics).
-COLOR_THRESHOLD = 0.25
+# A pixel belongs to the object whose colour it is nearest to, among the
+# scene's object colours and the background's colour at that pixel: so an
+# object is found where it is even when its colour has drifted part of the
+# way to the background or to another object's (less than half way), and
+# not in background-coloured noise. Position is what the IoU measures;
+# colour belongs to FID. Beyond this distance (Euclidean RGB, channels in
+# [0, 1]) a colour is no object's: a grey or a wrong colour.
+MAX_COLOR_DISTANCE = 0.5
 
 
-def segment_objects(video, colors, n_objects, threshold=COLOR_THRESHOLD):
-    """video (T, 3, H, W) in [-1, 1], colors (K, 3) uint8 -> masks (n, T, H, W) bool."""
+def background_of(truth, masks):
+    """The background's colour at every pixel, (3, H, W) in [-1, 1], from a
+    true clip (T, 3, H, W) and its visible masks (K, T, H, W): the sprite
+    world's backgrounds are static, so a pixel's value in the frames where no
+    object covers it; a pixel covered in every frame takes the mean of its
+    nearest known neighbours."""
+    free = ~masks.to(truth.device).any(0)  # (T, H, W)
+    count = free.float().sum(0)  # (H, W)
+    background = (truth.float() * free[:, None]).sum(0) / count.clamp(min=1)
+    known = (count > 0).float()[None]  # (1, H, W)
+    while not known.all() and known.any():  # grow the known region one pixel ring at a time
+        total = F.avg_pool2d((background * known)[None], 3, 1, 1, count_include_pad=False)[0]
+        weight = F.avg_pool2d(known[None], 3, 1, 1, count_include_pad=False)[0]
+        fill = (known == 0) & (weight > 0)
+        background = torch.where(fill, total / weight.clamp(min=1e-6), background)
+        known = known + fill.float()
+    return background
+
+
+def segment_objects(video, colors, n_objects, background):
+    """video (T, 3, H, W) in [-1, 1], colors (K, 3) uint8, background (3, H, W)
+    in [-1, 1] -> masks (n, T, H, W) bool."""
     rgb = rearrange((video.float() + 1) / 2, "t c h w -> t h w c")
     palette = colors[:n_objects].float().to(video.device) / 255  # (n, 3)
-    distance = torch.cdist(rgb.reshape(-1, 3), palette).reshape(*rgb.shape[:-1], n_objects)  # (T, H, W, n)
-    nearest = distance.argmin(-1)
-    close = distance.min(-1).values < threshold
-    masks = torch.stack([(nearest == k) & close for k in range(n_objects)])  # (n, T, H, W)
-    return masks
+    to_objects = torch.cdist(rgb.reshape(-1, 3), palette).reshape(*rgb.shape[:-1], n_objects)  # (T, H, W, n)
+    to_background = (rgb - rearrange((background.to(video.device) + 1) / 2, "c h w -> h w c")).norm(dim=-1)
+    nearest = to_objects.argmin(-1)
+    distance = to_objects.min(-1).values
+    owned = (distance < to_background) & (distance < MAX_COLOR_DISTANCE)  # (T, H, W)
+    return torch.stack([(nearest == k) & owned for k in range(n_objects)])  # (n, T, H, W)
 
 
 def mask_boxes(masks):
@@ -58,10 +84,11 @@ def centroids(masks):
     return torch.stack([(m.sum(-2) * xs).sum(-1) / total, (m.sum(-1) * ys).sum(-1) / total], -1)
 
 
-def trajectory_accuracy(video, masks, boxes, colors, n_objects):
+def trajectory_accuracy(video, truth, masks, boxes, colors, n_objects):
     """How well one generated clip follows its trajectories.
 
-    video (T, 3, H, W) in [-1, 1]; masks (K, T, H, W) the target visible masks,
+    video (T, 3, H, W) in [-1, 1]; truth the true clip (its background is
+    what an object is told apart from); masks (K, T, H, W) the target visible masks,
     boxes (K, T, 4) the target boxes, colors (K, 3), as data.to_sample gives
     them. Frame 0 is the given first frame, so only frames 1.. count, and only
     where the object is visible in the target. Returns a dict of floats:
@@ -73,7 +100,7 @@ def trajectory_accuracy(video, masks, boxes, colors, n_objects):
                      found at all counts as half the frame size.
     """
     n = int(n_objects)
-    found = segment_objects(video, colors, n)[:, 1:]  # (n, T-1, H, W)
+    found = segment_objects(video, colors, n, background_of(truth, masks[:n]))[:, 1:]  # (n, T-1, H, W)
     target = masks[:n, 1:].to(found.device)
     visible = target.any((-2, -1))  # (n, T-1)
     inter = (found & target).sum((-2, -1)).float()
@@ -93,8 +120,8 @@ def trajectory_accuracy(video, masks, boxes, colors, n_objects):
 
 def batch_trajectory_accuracy(videos, batch):
     """trajectory_accuracy for each clip of a batch (data.collate's keys): a list of dicts."""
-    return [trajectory_accuracy(videos[i], batch["masks"][i], batch["boxes"][i], batch["colors"][i],
-                                batch["n_objects"][i]) for i in range(len(videos))]
+    return [trajectory_accuracy(videos[i], batch["video"][i], batch["masks"][i], batch["boxes"][i],
+                                batch["colors"][i], batch["n_objects"][i]) for i in range(len(videos))]
 
 
 def versus(ours, baseline, baseline_name):

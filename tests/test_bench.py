@@ -6,6 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 
 import common
+import degrade
 import fvd
 from model import config_dict
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_generator
@@ -20,11 +21,11 @@ def micro_checkpoints(folder):
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
-    encoder = fvd.VideoEncoder(4, 16, width=8, feature_dim=8)
-    mean, cov = fvd.reference_statistics(encoder, "micro", 16, seed=1)
+    encoder = fvd.VideoEncoder(4, 16, width=8)
+    frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)
     common.save_checkpoint(folder / "video_encoder_micro.pt", {
         "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
-        "reference_mean": mean, "reference_cov": cov})
+        "frame_reference": frame_reference, "clip_reference": clip_reference})
 
 
 def bench(*args):
@@ -42,15 +43,29 @@ def test_bench_runs_every_available_method_and_writes_json(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())["methods"]
     assert list(saved) == methods
     for name in methods:
-        assert {"miou", "box_iou", "center_err_px", "fvd", "psnr", "ssim", "nfe", "ms_per_video",
+        assert {"fid", "fvd", "miou", "box_iou", "center_err_px", "psnr", "ssim", "nfe", "ms_per_video",
                 "by_objects"} <= set(saved[name])
-        assert saved[name]["fvd"] >= 0 and -1 <= saved[name]["ssim"] <= 1
+        assert saved[name]["fid"] >= 0 and saved[name]["fvd"] >= 0 and -1 <= saved[name]["ssim"] <= 1
         assert len(saved[name]["by_objects"]) == 6 and 0 <= saved[name]["miou"] <= 1
-        for key in ("miou", "box_iou", "center_err_px"):  # intervals over the scenes, around their mean
-            lo, hi = saved[name][f"{key}_ci"]
-            assert lo <= saved[name][key] <= hi
+        for key in ("fid", "fvd", "miou", "box_iou", "center_err_px", "psnr", "ssim", "roughness", "diversity"):
+            lo, hi = saved[name][f"{key}_ci"]  # 95% intervals over the scenes
+            assert lo <= hi and (key in ("fid", "fvd") or lo <= saved[name][key] <= hi), (name, key)
     assert saved["teacher"]["nfe"] == 6 and saved["naive"]["nfe"] == 4  # CFG: two calls per step
     assert (tmp_path / "b.gif").exists()
+
+
+def test_instruments_measure_every_degradation_beside_two_real_sets(tmp_path):
+    micro_checkpoints(tmp_path)
+    result = bench(f"--checkpoints={tmp_path}", "--instruments=true", f"--json={tmp_path / 'i.json'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "i.json").read_text())["instruments"]
+    assert list(rows) == ["real, set A", "real, set B"] + [
+        f"{kind} {strength}" for kind, (_, strengths, _) in degrade.DEGRADATIONS.items() for strength in strengths]
+    for name, row in rows.items():
+        assert row["fid"] >= 0 and row["fvd"] >= 0 and f"| {name} |" in result.stdout
+    assert rows["real, set A"]["miou"] == 1.0 and rows["fade 0.3"]["miou"] == 1.0  # colour is FID's business
+    assert rows["freeze 1.0"]["miou"] < 1 and rows["freeze 1.0"]["motion"] == 0
+    assert "miou" not in rows["real, set B"]  # the floor's second set is only there for FID and FVD
 
 
 def test_missing_checkpoint_says_how_to_make_it(tmp_path):
