@@ -5,15 +5,14 @@ that of its clips: embed both with a network, fit a Gaussian to each set of
 embeddings, take the Frechet (2-Wasserstein) distance between the Gaussians.
 The usual embeddings (Inception for FID, I3D for FVD) know nothing of 32x32
 sprite clips, so we train a small network on the sprite world itself, with
-tasks that make it see what a person sees in these clips:
+dense tasks that make it see what a person sees in these clips:
 
-  per frame: segment it, pixel by pixel, into the background and the 8
-             object colours, from a 128-number frame feature (so that
-             feature must hold every object's shape, size, colour and
-             place, edges included); FID compares these features;
-  per clip:  from the frame features over time, say which colours are in the
-             clip and where each one's centre is in every frame (so the clip
-             feature holds the motion); FVD compares these features.
+  per pixel of every frame: which of the 8 object colours and which of the
+             5 shapes covers it, or the background (so the local features
+             hold shape, colour and edges); FID compares them pooled per frame;
+  per object pixel, over time: how far its object moved since the last
+             frame (so the motion features hold speed and smoothness); FVD
+             compares them pooled per clip.
 
 Trained on clean clips only, the features move when a clip looks wrong:
 blur, faded colours, blobs instead of shapes, patch seams, frozen or jittery
