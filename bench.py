@@ -163,6 +163,8 @@ def main(argv):
         check_writable(opt.json)
     if opt.gif:
         data.check_video_path(opt.gif)
+    if opt.instruments and (opt.scenes or opt.gif):
+        raise UserError("--instruments measures held-out real clips with known flaws: drop --scenes and --gif")
     if opt.scenes:
         paths = sorted(glob.glob(os.path.join(opt.scenes, "*.json")))
         if not paths:

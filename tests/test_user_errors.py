@@ -120,7 +120,8 @@ def test_bench_refuses_bad_outputs_and_counts_before_any_work(micro_folder, caps
                           (["--gif=/proc/b.gif"], "/proc/b.gif: cannot write"),
                           (["--gif=b.avi"], "b.avi: the video must be"),
                           (["--scenes_per_count=0"], "--scenes_per_count must be at least 1"),
-                          (["--methods=naive,best"], "unknown method 'best'")]:
+                          (["--methods=naive,best"], "unknown method 'best'"),
+                          (["--instruments=true", "--scenes=scenes"], "--instruments measures held-out real clips")]:
         with pytest.raises(SystemExit, match=message):
             bench.main(["--config=micro", f"--checkpoints={micro_folder}", *args])
     assert "naive:" not in capsys.readouterr().err  # nothing was generated
