@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import autoencoder
 import bench
 import common
 import distill
@@ -20,7 +21,7 @@ import train_adapter
 from test_sample import MICRO_SCENE
 
 SCRIPTS = {"train": train, "train_adapter": train_adapter, "distill": distill, "hybrid_finetune": hybrid_finetune,
-           "fvd": fvd, "sample": sample, "bench": bench}
+           "fvd": fvd, "autoencoder": autoencoder, "sample": sample, "bench": bench}
 HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
