@@ -1,10 +1,14 @@
+import os
+
 import pytest
 import torch
 
 import autoencoder
+import bench
 import common
 import data
 import fvd
+import metrics
 
 
 @pytest.mark.parametrize("down", [1, 2, 4])
@@ -62,3 +66,19 @@ def test_script_trains_resumes_measures_and_exports_latent_statistics(tmp_path):
         autoencoder.main(args + ["--down=3", f"--out_dir={tmp_path / 'other'}"])
     with pytest.raises(SystemExit, match="python fvd.py"):
         autoencoder.main(args + [f"--features={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'other'}"])
+
+
+SHIPPED = "checkpoints/autoencoder_tiny.pt"
+
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED), reason="no shipped autoencoder")
+def test_shipped_autoencoder_round_trip_keeps_the_objects():
+    ckpt = common.load_checkpoint(SHIPPED, kind="autoencoder")
+    model = autoencoder.FrameAutoencoder(**ckpt["config"])
+    model.load_state_dict(ckpt["autoencoder"])
+    scenes = bench.benchmark_scenes("tiny", 16)  # the 96 real clips of docs/results.md's table
+    with torch.no_grad():
+        decoded = model.decode(model.encode(scenes["video"])).clamp(-1, 1)
+    accuracy = metrics.mean_of(metrics.batch_trajectory_accuracy(decoded, scenes))
+    assert accuracy["miou"] >= 0.95, accuracy
+    assert metrics.psnr(decoded, scenes["video"]) > 30
