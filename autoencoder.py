@@ -31,11 +31,8 @@ import data
 import fvd
 import metrics
 from common import Run, UserError, export_checkpoint, lr_at, parse_flags, require_at_least, require_one_of, set_lr
+from fvd import conv_block
 from model import CONFIGS, video_shape
-
-
-def conv(c_in, c_out, stride=1):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
 
 
 class FrameAutoencoder(nn.Module):
@@ -46,13 +43,13 @@ class FrameAutoencoder(nn.Module):
         self.down, self.channels, self.width = down, channels, width
         stages = down.bit_length() - 1  # stride-2 convs
         widths = [width * 2 ** i for i in range(stages + 1)]
-        self.encoder = nn.Sequential(conv(3, width), conv(width, width),
-                                     *[conv(widths[i], widths[i + 1], stride=2) for i in range(stages)],
-                                     conv(widths[-1], widths[-1]), nn.Conv2d(widths[-1], channels, 1))
-        self.decoder = nn.Sequential(nn.Conv2d(channels, widths[-1], 1), conv(widths[-1], widths[-1]),
-                                     *[nn.Sequential(nn.Upsample(scale_factor=2), conv(widths[i + 1], widths[i]))
+        self.encoder = nn.Sequential(conv_block(3, width), conv_block(width, width),
+                                     *[conv_block(widths[i], widths[i + 1], stride=2) for i in range(stages)],
+                                     conv_block(widths[-1], widths[-1]), nn.Conv2d(widths[-1], channels, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(channels, widths[-1], 1), conv_block(widths[-1], widths[-1]),
+                                     *[nn.Sequential(nn.Upsample(scale_factor=2), conv_block(widths[i + 1], widths[i]))
                                        for i in reversed(range(stages))],
-                                     conv(width, width), nn.Conv2d(width, 3, 3, padding=1))
+                                     conv_block(width, width), nn.Conv2d(width, 3, 3, padding=1))
 
     def config(self):
         return {"down": self.down, "channels": self.channels, "width": self.width}

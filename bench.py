@@ -130,18 +130,21 @@ def instruments(opt, encoder, references):
     """FlashBench's instruments on real clips drawn with known flaws
     (degrade.py): every figure next to the floor of two sets of real clips
     of the bench's size (a method's two samples of each scene)."""
-    scene_list = benchmark_scene_list(opt.config, 2 * opt.scenes_per_count)
-    truth = data.collate([data.to_sample(data.render(s), s.size) for s in scene_list])
-    floor = benchmark_scene_list(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED)
-    rows = {}
-    for name, kind, strength, scenes in [("real, set A", "blur", 0, scene_list), ("real, set B", "blur", 0, floor)] + [
-            (f"{kind} {strength}", kind, strength, scene_list)
-            for kind, (_, strengths, _) in degrade.DEGRADATIONS.items() for strength in strengths]:
-        clips = degrade.degraded_clips(scenes, kind, strength, seed=opt.seed)
-        figures = per_scene_figures(clips, truth) if scenes is scene_list else None
-        rows[name] = {**fvd.frechet_scores(encoder, *references, clips[:, None]),
-                      **(summarise(figures) if figures else {})}
-        print(f"{name}: FID {rows[name]['fid']:.2f}, FVD {rows[name]['fvd']:.2f}", file=sys.stderr)
+    per_count = 2 * opt.scenes_per_count
+    scene_list = benchmark_scene_list(opt.config, per_count)
+    truth = benchmark_scenes(opt.config, per_count)  # the same scenes, as drawn
+
+    def row(clips, against=None):  # FID and FVD; the per-scene figures too when measured against the truth
+        figures = summarise(per_scene_figures(clips, against)) if against is not None else {}
+        return {**fvd.frechet_scores(encoder, *references, clips[:, None]), **figures}
+
+    rows = {"real, set A": row(truth["video"], truth),
+            "real, set B": row(benchmark_scenes(opt.config, per_count, seed=FLOOR_SEED)["video"])}
+    for kind, (_, strengths, _) in degrade.DEGRADATIONS.items():
+        for strength in strengths:
+            rows[f"{kind} {strength}"] = row(degrade.degraded_clips(scene_list, kind, strength, seed=opt.seed), truth)
+    for name, r in rows.items():
+        print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}", file=sys.stderr)
     keys = ["fid", "fvd", "miou", "box_iou", "roughness", "motion"]
     print(table({name: {k: with_interval(r, k) for k in keys if k in r} for name, r in rows.items()}, keys, HEADINGS))
     print("\nstrengths: " + "; ".join(f"{kind}: {unit}" for kind, (_, _, unit) in degrade.DEGRADATIONS.items()))
@@ -169,9 +172,7 @@ def main(argv):
         paths = sorted(glob.glob(os.path.join(opt.scenes, "*.json")))
         if not paths:
             raise UserError(f"--scenes: no *.json scene files in '{opt.scenes}'")
-        scenes = scene_batch(paths, opt.config, need_truth=True)
-    else:
-        scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
+        scenes = scene_batch(paths, opt.config, need_truth=True)  # every file read and checked before any work
     encoder_path = os.path.join(opt.checkpoints, f"video_encoder_{opt.config}.pt")
     if not os.path.exists(encoder_path):
         raise UserError(f"FID and FVD need {encoder_path}, which is missing: make it with "
@@ -180,6 +181,8 @@ def main(argv):
     if opt.instruments:
         write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
         return
+    if not opt.scenes:
+        scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
 
     results, clips = {}, {}
     for name in names:

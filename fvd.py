@@ -194,15 +194,21 @@ def matrix_sqrt(cov):
     return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
 
 
-def frechet_distance(stats_a, stats_b, root_b=None):
+def frechet_distances(mean_a, cov_a, stats_b, root_b):
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_b^1/2 S_a S_b^1/2)^1/2), with
     symmetric eigendecompositions (no scipy): the square root of a product of
-    two covariances has the trace of sqrt(S_b^1/2 S_a S_b^1/2). `root_b`,
-    S_b^1/2, may be given when many sets are compared with one reference."""
-    (mu_a, cov_a), (mu_b, cov_b) = stats_a, stats_b
-    root_b = matrix_sqrt(cov_b) if root_b is None else root_b
-    cross = torch.linalg.eigvalsh(root_b @ cov_a @ root_b).clamp(min=0).sqrt().sum()
-    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+    two covariances has the trace of sqrt(S_b^1/2 S_a S_b^1/2). Batched over
+    the leading dims of mean_a (..., D) and cov_a (..., D, D); root_b is S_b^1/2."""
+    mu_b, cov_b = stats_b
+    cross = torch.linalg.eigvalsh(root_b @ cov_a @ root_b).clamp(min=0).sqrt().sum(-1)
+    trace = lambda cov: cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return ((mean_a - mu_b) ** 2).sum(-1) + trace(cov_a) + trace(cov_b) - 2 * cross
+
+
+def frechet_distance(stats_a, stats_b, root_b=None):
+    """The Frechet distance of two Gaussians (mean, covariance), a float.
+    `root_b`, S_b^1/2, may be given when many sets are compared with one reference."""
+    return float(frechet_distances(*stats_a, stats_b, matrix_sqrt(stats_b[1]) if root_b is None else root_b))
 
 
 class Reference:
@@ -233,9 +239,7 @@ class Reference:
         mean = counts @ sums / n  # (resamples, D)
         second = (counts @ products).view(resamples, *features.shape[-1:] * 2) / n
         cov = (second - mean[:, :, None] * mean[:, None, :]) * n / (n - 1)
-        mu, ref_cov = self.stats
-        cross = torch.linalg.eigvalsh(self.root @ cov @ self.root).clamp(min=0).sqrt().sum(-1)
-        values = ((mean - mu) ** 2).sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.trace(ref_cov) - 2 * cross
+        values = frechet_distances(mean, cov, self.stats, self.root)
         tail = (1 - level) / 2
         low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
         excess = values.mean().item() - estimate

@@ -2,8 +2,8 @@
 
 The sprite world's objects each have a saturated colour of their own over a
 static, desaturated background, so a colour segmentation finds them in a
-generated clip without any learned detector. Every stage and bench.py measure trajectory accuracy with the one
-function here, `trajectory_accuracy`.
+generated clip without any learned detector. Every stage and bench.py
+measure trajectory accuracy with the one function here, `trajectory_accuracy`.
 """
 
 import torch
