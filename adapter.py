@@ -66,7 +66,7 @@ class ControlNetAdapter(nn.Module):
 
     def forward(self, generator, x_t, t, first_frame, trajectory, keep=None, traj_keep=None, **hooks):
         tokens, c = generator.embed(x_t, t, first_frame, keep)  # (B, N, dim), (B, dim)
-        h = tokens + self.trajectory_embed(generator.patchify(trajectory_channels(trajectory, traj_keep)))
+        h = tokens + self.trajectory_embed(generator.patchify_pixels(trajectory_channels(trajectory, traj_keep)))
         residuals = []
         for block, output in zip(self.blocks, self.outputs):
             h = block(h, c, generator.rope)
@@ -99,7 +99,7 @@ class LoRAAdapter(nn.Module):
         return {"type": "lora", "rank": self.rank}
 
     def forward(self, generator, x_t, t, first_frame, trajectory, keep=None, traj_keep=None, **hooks):
-        tokens = self.encoder(generator.patchify(trajectory_channels(trajectory, traj_keep)))  # (B, N, dim)
+        tokens = self.encoder(generator.patchify_pixels(trajectory_channels(trajectory, traj_keep)))  # (B, N, dim)
         weights = dict(generator.named_parameters())
         updated = {n: weights[n] + b @ a for n, a, b in zip(self.names, self.lora_a, self.lora_b)}
         # The generator runs with its attention weights swapped for W + B A;
@@ -138,6 +138,16 @@ class Controlled(nn.Module):
     @property
     def cfg(self):
         return self.generator.cfg
+
+    @property
+    def space(self):
+        return self.generator.space
+
+    def encode(self, video):
+        return self.generator.encode(video)
+
+    def decode(self, clip):
+        return self.generator.decode(clip)
 
     def trajectory(self, batch):
         """The maps this adapter reads (box or mask), from a batch of data.collate's keys."""

@@ -236,7 +236,11 @@ class Run:
         self.log_file = open_log(self.opt.out_dir, self.step) if self.master else None
         self.bar = tqdm(total=self.end, initial=self.step, disable=not self.master, desc=desc, dynamic_ncols=True)
         self.last_time = time.time()
+        limit = getattr(self.opt, "time_limit", 0)
+        deadline = self.last_time + 60 * limit
         while self.step < self.end:
+            if limit and self.out_of_time(deadline):
+                self.end = self.step + 1  # this step is the last: due() checkpoints it
             self.step += 1
             yield self.step - 1
         self.bar.close()
@@ -244,6 +248,14 @@ class Run:
             print(f"{'done' if self.step == self.opt.max_steps else 'stopped'}: {self.path} "
                   f"at step {self.step}/{self.opt.max_steps}")
         cleanup_distributed()
+
+    def out_of_time(self, deadline):
+        """Past the --time_limit deadline, as rank 0's clock says (all ranks stop together)."""
+        if self.world_size == 1:
+            return time.time() > deadline
+        flag = torch.tensor([float(time.time() > deadline)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def due(self, interval):
         """True every `interval` steps and at the last step of this session."""

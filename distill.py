@@ -46,6 +46,7 @@ FLAGS = dict(
     batch_size=(8, "clips per rank and iteration"),
     max_steps=(1200, "iterations; one fake-score update each"),
     stop_at=(0, "stop (with a checkpoint) after this iteration, to resume later; 0: run to max_steps"),
+    time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     ratio=(5, "fake-score updates per generator update (two time-scale rule)"),
     lr_generator=(2e-5, "learning rate of the fast generator"),
     lr_fake=(1e-4, "learning rate of the fake score"),
@@ -73,7 +74,7 @@ def score_networks(opt, device):
     adapter's checkpoints (None without --controlled)."""
     teacher = load_checkpoint(opt.teacher_ckpt, kind="slow_generator")
     slow_generator = model_from_checkpoint(teacher).to(device).requires_grad_(False).eval()
-    if slow_generator.cfg != CONFIGS[opt.config]:
+    if video_shape(slow_generator.cfg) != video_shape(opt.config):
         raise UserError(f"{opt.teacher_ckpt} is not a '{opt.config}' generator")
     real_score, adapter_ckpt = slow_generator, None
     if opt.controlled:
@@ -172,7 +173,7 @@ def main(argv):
     def conditions_of(batch):
         """The scores' keyword arguments, and what guidance drops: the first
         frame, or (dmd-joint) the trajectory in the maps the adapter reads."""
-        first = batch["video"][:, 0].to(device)
+        first = real_score.encode(batch["video"][:, :1].to(device))[:, 0]  # in the model's space
         if not opt.controlled:
             return dict(first_frame=first), {"first_frame": None}
         return (dict(first_frame=first, trajectory=real_score.trajectory(batch).to(device)),
@@ -181,12 +182,13 @@ def main(argv):
     def write_samples():
         """Held-out scenes: truth | teacher, 50 steps | teacher, 4 steps | fast generator (EMA), 4 steps."""
         scenes = data.SpriteWorld(**shape, batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
-        cond, _ = conditions_of(scenes)
+        first = scenes["video"][:, 0].to(device)  # the samplers take pixels
+        cond = {key: value for key, value in conditions_of(scenes)[0].items() if key != "first_frame"}
         seed = lambda: torch.Generator(device=device).manual_seed(0)
         with autocast(device):
-            clips = [generate(real_score, steps=50, generator=seed(), **cond),
-                     generate(real_score, steps=4, generator=seed(), **cond),
-                     fast_generate(ema_generator, generator=seed(), **cond)]
+            clips = [generate(real_score, first, steps=50, generator=seed(), **cond),
+                     generate(real_score, first, steps=4, generator=seed(), **cond),
+                     fast_generate(ema_generator, first, generator=seed(), **cond)]
         path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
         data.save_video(path, data.comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4)))
         return path
@@ -200,7 +202,7 @@ def main(argv):
         # G's input by backward simulation: from pure noise, run G itself (no
         # grad) for k steps. k is keyed on the iteration alone, so all ranks agree.
         k = int(torch.randint(len(times), (1,), generator=torch.Generator().manual_seed(opt.seed * 7919 + step)))
-        noise = torch.randn(batch["video"].shape, generator=noise_gen, device=device)
+        noise = torch.randn((len(batch["video"]), *real_score.space), generator=noise_gen, device=device)
         with torch.no_grad(), autocast(device):
             x_k = few_step_sample(fast_generator, noise, times, cond, noise_gen, stop_after=k)
 

@@ -64,6 +64,7 @@ FLAGS = dict(
     batch_size=(8, "clips per rank and step"),
     max_steps=(300, "length of the lr schedule"),
     stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
+    time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     lr=(1e-4, "learning rate of the adapter"),
     lr_disc=(2e-3, "learning rate of the discriminator heads"),
     disc_max_t=(0.6, "the discriminator sees clips re-noised at t ~ U(0.02, disc_max_t)"),
@@ -257,7 +258,7 @@ def main(argv):
 
     for step in run.steps(f"stage 3 {opt.loss}"):
         batch = next(batches)
-        video = batch["video"].to(device)  # (B, T, C, H, W)
+        video = fast_generator.encode(batch["video"].to(device))  # (B, *fast_generator.space)
         cond = dict(first_frame=video[:, 0], trajectory=controlled.trajectory(batch).to(device))
         noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
         set_lr(opt_adapter, lr_at(step, opt.lr, opt.warmup, opt.max_steps))

@@ -4,13 +4,20 @@ A clip x (B, T, C, H, W) in [-1, 1] is cut into spatio-temporal patches, run
 through adaLN-Zero transformer blocks with full spatio-temporal attention and
 3D rotary positions, and turned back into a velocity of the same shape.
 
+Where the diffusion runs is the config's `codec` (docs/results.md, stage 0):
+"pixel" denoises the clip itself; "latent" the clip encoded per frame by a
+frozen autoencoder (autoencoder.py), as Wan does; "conv" the pixels again, but
+with a trained conv stem that halves the resolution before the patches and a
+conv head that draws the pixels after them (U-ViT / HDiT style). The token
+grid is the same for all three, so the transformer costs the same.
+
 Flow matching (rectified flow): x_t = (1 - t) x_0 + t * noise, t = 1 is pure
 noise, and the network predicts the velocity v = noise - x_0. Sampling
 integrates dx/dt = v from t = 1 to t = 0 with Euler steps.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -31,19 +38,29 @@ class DiTConfig:
     depth: int = 6
     heads: int = 3
     mlp_ratio: float = 4.0
+    codec: str = "pixel"        # pixel | latent | conv: where the diffusion runs (module docstring)
+    codec_down: int = 2         # latent, conv: spatial down-sampling before the patches
+    codec_channels: int = 4     # latent: autoencoder channels; conv: stem channels
+    codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py)
 
 
 # Every config by name: the video shape and the model size. `micro` exists for the tests.
+# tiny and small denoise the latent of autoencoder.py: it won the stage-0 A/B
+# (docs/results.md); micro stays in pixels so that the tests need no autoencoder.
 CONFIGS = {
     "micro": DiTConfig(frames=4, size=16, dim=32, depth=2, heads=2),
-    "tiny": DiTConfig(frames=16, size=32, dim=96, depth=6, heads=3),     # CPU, the shipped checkpoints
-    "small": DiTConfig(frames=16, size=64, dim=384, depth=12, heads=6),  # one GPU
+    "tiny": DiTConfig(frames=16, size=32, dim=96, depth=6, heads=3, codec="latent"),     # CPU, shipped
+    "small": DiTConfig(frames=16, size=64, dim=384, depth=12, heads=6, codec="latent"),  # one GPU
 }
 
 
-def video_shape(name):
-    """{frames, size} of a config: what data.SpriteWorld takes."""
-    return {"frames": CONFIGS[name].frames, "size": CONFIGS[name].size}
+CODECS = ("pixel", "latent", "conv")
+
+
+def video_shape(config):
+    """{frames, size} of a config (a name or a DiTConfig): what data.SpriteWorld takes."""
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    return {"frames": cfg.frames, "size": cfg.size}
 
 
 # ----------------------------------------------------------------- layers ---
@@ -125,6 +142,36 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
+class ConvStem(nn.Module):
+    """Per frame, (C_in, H, W) pixels to (width, H/down, W/down) features: the
+    convs see each pixel's neighbours, which a linear patch embedding does not."""
+
+    def __init__(self, c_in, width, down):
+        super().__init__()
+        layers = [nn.Conv2d(c_in, width, 3, padding=1), nn.SiLU()]
+        for _ in range(down.bit_length() - 1):
+            layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, T, C_in, H, W) -> (B, T, width, H/down, W/down)
+        return rearrange(self.net(rearrange(x, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=x.shape[0])
+
+
+class ConvHead(nn.Module):
+    """Per frame, (width, H/down, W/down) features back to (C, H, W) pixels,
+    through convs at full resolution that can draw clean edges."""
+
+    def __init__(self, width, c_out, down):
+        super().__init__()
+        layers = []
+        for _ in range(down.bit_length() - 1):
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, c_out, 3, padding=1))
+
+    def forward(self, x):  # (B, T, width, h, w) -> (B, T, C, H, W)
+        return rearrange(self.net(rearrange(x, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=x.shape[0])
+
+
 # ------------------------------------------------------------------ model ---
 
 # Standard deviation of sprite-world videos in [-1, 1] (measured: 0.347).
@@ -168,16 +215,38 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         pt, p = cfg.patch_t, cfg.patch_hw
-        if cfg.frames % pt or cfg.size % p:
-            raise ValueError(f"frames {cfg.frames} and size {cfg.size} must divide by the patch {pt}x{p}x{p}")
+        if cfg.codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got '{cfg.codec}'")
+        down = 1 if cfg.codec == "pixel" else cfg.codec_down
+        if cfg.frames % pt or cfg.size % p or p % down:
+            raise ValueError(f"frames {cfg.frames} and size {cfg.size} must divide by the patch {pt}x{p}x{p}, "
+                             f"and the patch by the codec's down-sampling {down}")
         self.grid = (cfg.frames // pt, cfg.size // p, cfg.size // p)
-        patch_dim = pt * p * p
-        self.patch_embed = nn.Linear((2 * cfg.channels + 1) * patch_dim, cfg.dim)
+        latent = cfg.codec == "latent"
+        # (T, C, H, W) of the clips the diffusion runs on, and the patch (pt, p) the tokens are cut from.
+        self.space = (cfg.frames, cfg.codec_channels, cfg.size // down, cfg.size // down) if latent else \
+            (cfg.frames, cfg.channels, cfg.size, cfg.size)
+        self.token_patch = (pt, p // down)
+        condition = 2 * self.space[1] + 1  # the noisy clip, the first frame, its presence flag
+        if cfg.codec == "conv":
+            self.stem = ConvStem(condition, cfg.codec_width, down)
+            self.head = ConvHead(cfg.codec_width, cfg.channels, down)
+            token_in = token_out = cfg.codec_width
+        else:
+            token_in, token_out = condition, self.space[1]
+        if latent:
+            from autoencoder import FrameAutoencoder  # here, not at the top: autoencoder.py imports this file
+            self.autoencoder = FrameAutoencoder(down, cfg.codec_channels, cfg.codec_width).requires_grad_(False)
+            # Per-channel statistics of real latents (attach_autoencoder sets them).
+            self.register_buffer("latent_mean", torch.zeros(cfg.codec_channels))
+            self.register_buffer("latent_std", torch.ones(cfg.codec_channels))
+        patch_dim = pt * (p // down) ** 2
+        self.patch_embed = nn.Linear(token_in * patch_dim, cfg.dim)
         self.time_embed = TimestepEmbedder(cfg.dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
-        self.final_linear = nn.Linear(cfg.dim, cfg.channels * patch_dim)
+        self.final_linear = nn.Linear(cfg.dim, token_out * patch_dim)
         cos, sin = rope_3d(self.grid, cfg.dim // cfg.heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -185,7 +254,7 @@ class VideoDiT(nn.Module):
 
     def initialize_weights(self):
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear):  # the transformer's; the convs keep PyTorch's init
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
@@ -197,18 +266,41 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def patchify(self, x):
-        """(B, T, C, H, W) -> (B, N, pt*p*p*C) tokens in (t, h, w) order."""
-        p = self.cfg.patch_hw
-        return rearrange(x, "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)",
-                         pt=self.cfg.patch_t, ph=p, pw=p)
+    def patchify(self, x, patch=None):
+        """(B, T, C, H, W) -> (B, N, pt*p*p*C) tokens in (t, h, w) order;
+        patch (pt, p) defaults to the token patch of self.space."""
+        pt, p = patch or self.token_patch
+        return rearrange(x, "b (t pt) c (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=p, pw=p)
+
+    def patchify_pixels(self, x):
+        """Pixel-sized maps (B, T, C, size, size) -> tokens on the same grid
+        (the adapters' trajectory maps, at full resolution whatever the codec)."""
+        return self.patchify(x, (self.cfg.patch_t, self.cfg.patch_hw))
 
     def unpatchify(self, tokens):
         """(B, N, pt*p*p*C) -> (B, T, C, H, W)."""
         t, h, w = self.grid
-        p = self.cfg.patch_hw
+        pt, p = self.token_patch
         return rearrange(tokens, "b (t h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",
-                         t=t, h=h, w=w, pt=self.cfg.patch_t, ph=p, pw=p)
+                         t=t, h=h, w=w, pt=pt, ph=p, pw=p)
+
+    @torch.no_grad()
+    def encode(self, video):
+        """Pixel clips (B, T, 3, size, size) in [-1, 1] -> the space the diffusion
+        runs in. Latents are scaled to the pixel clips' standard deviation, so the
+        noise schedule, time shift and input scaling carry over unchanged."""
+        if self.cfg.codec != "latent":
+            return video
+        mean, std = self.latent_mean.view(-1, 1, 1), self.latent_std.view(-1, 1, 1)
+        return (self.autoencoder.encode(video) - mean) / std * SIGMA_DATA
+
+    @torch.no_grad()
+    def decode(self, x):
+        """The inverse of encode: clips of self.space -> pixel clips."""
+        if self.cfg.codec != "latent":
+            return x
+        mean, std = self.latent_mean.view(-1, 1, 1), self.latent_std.view(-1, 1, 1)
+        return self.autoencoder.decode(x.float() / SIGMA_DATA * std + mean)
 
     def condition_channels(self, x_t, first_frame, keep):
         """The noisy video with the first frame and its presence flag stacked
@@ -258,8 +350,10 @@ class VideoDiT(nn.Module):
         ControlNet adapter starts from the same tokens."""
         given = self.frame_given(x_t, first_frame, keep)
         x_in = x_t if given is None else self.pin_first_frame(x_t, first_frame, given)
-        x_in = input_scale(t) * x_in
-        return self.patch_embed(self.patchify(self.condition_channels(x_in, first_frame, keep))), self.time_embed(t)
+        x_in = self.condition_channels(input_scale(t) * x_in, first_frame, keep)  # (B, T, 2C+1, H, W)
+        if self.cfg.codec == "conv":
+            x_in = self.stem(x_in)  # (B, T, width, H/down, W/down)
+        return self.patch_embed(self.patchify(x_in)), self.time_embed(t)
 
     def forward(self, x_t, t, first_frame, keep=None, token_residual=None, block_residuals=None,
                 return_features=False):
@@ -278,14 +372,27 @@ class VideoDiT(nn.Module):
                 features.append(x)
         shift, scale = self.final_ada_ln(c).chunk(2, dim=-1)
         x0 = self.unpatchify(self.final_linear(modulate(self.final_norm(x), shift, scale)))
+        if self.cfg.codec == "conv":
+            x0 = self.head(x0)  # (B, T, C, H, W)
         velocity = (x_t - x0.to(x_t.dtype)) / t.clamp(min=T_MIN).view(-1, 1, 1, 1, 1).to(x_t.dtype)
         if given is not None:
             velocity = self.pin_velocity(velocity, x_t, t, first_frame, given)
         return (velocity, features) if return_features else velocity
 
 
-def build_model(name_or_cfg):
-    return VideoDiT(CONFIGS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg)
+def build_model(name_or_cfg, **overrides):
+    """A fresh VideoDiT from a config name (or DiTConfig), with fields overridden (e.g. codec="conv")."""
+    cfg = CONFIGS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
+    return VideoDiT(replace(cfg, **overrides))
+
+
+def attach_autoencoder(model, ckpt):
+    """Load a trained autoencoder checkpoint (autoencoder.py) into a latent model, frozen."""
+    if ckpt["config"] != model.autoencoder.config():
+        raise ValueError(f"the autoencoder is {ckpt['config']}, the model expects {model.autoencoder.config()}")
+    model.autoencoder.load_state_dict(ckpt["autoencoder"])
+    model.latent_mean.copy_(ckpt["latent_mean"])
+    model.latent_std.copy_(ckpt["latent_std"])
 
 
 def model_from_checkpoint(ckpt, use_ema=True):
@@ -376,21 +483,19 @@ def euler_sample(velocity_fn, noise, times):
 @torch.no_grad()
 def generate(model, first_frame, steps=50, shift=TIME_SHIFT, guidance=1.0, generator=None, uncond=None,
              **conditions):
-    """A clip from a first frame (B, C, H, W): (B, T, C, H, W) in [-1, 1].
-    model is the generator or anything called like it (adapter.Controlled);
+    """A clip from a pixel first frame (B, C, H, W): pixels (B, T, C, H, W) in
+    [-1, 1], sampled in the model's space (encode, sample, decode). model is the generator or anything called like it (adapter.Controlled);
     conditions are its extra keyword arguments; guidance drops the first
     frame unless uncond says what else to drop."""
     times = sampling_times(steps, shift, first_frame.device)
-    cond = dict(first_frame=first_frame, **conditions)
+    cond = dict(first_frame=model.encode(first_frame[:, None])[:, 0], **conditions)
     velocity = guided_velocity(model, guidance, cond, {"first_frame": None} if uncond is None else uncond)
-    return euler_sample(velocity, initial_noise(model, first_frame, generator), times).clamp(-1, 1)
+    return model.decode(euler_sample(velocity, initial_noise(model, first_frame, generator), times)).clamp(-1, 1)
 
 
 def initial_noise(model, first_frame, generator):
-    """Pure noise (B, T, C, H, W) in the model's video shape, where every sampler starts."""
-    shape = model.cfg
-    return torch.randn((first_frame.shape[0], shape.frames, shape.channels, shape.size, shape.size),
-                       generator=generator, device=first_frame.device)
+    """Pure noise (B, *model.space), where every sampler starts."""
+    return torch.randn((first_frame.shape[0], *model.space), generator=generator, device=first_frame.device)
 
 
 # ------------------------------------------------------ few-step sampler ----
@@ -428,7 +533,8 @@ def few_step_sample(model, noise, times, conditions, generator=None, stop_after=
 
 @torch.no_grad()
 def fast_generate(model, first_frame, generator=None, shift=TIME_SHIFT, **conditions):
-    """A clip in len(FAST_TIMES) steps: (B, T, C, H, W) in [-1, 1]."""
+    """A clip in len(FAST_TIMES) steps from a pixel first frame: pixels (B, T, C, H, W) in [-1, 1]."""
     times = fast_times(shift, first_frame.device)
-    return few_step_sample(model, initial_noise(model, first_frame, generator), times,
-                           dict(first_frame=first_frame, **conditions), generator).clamp(-1, 1)
+    clip = few_step_sample(model, initial_noise(model, first_frame, generator), times,
+                           dict(first_frame=model.encode(first_frame[:, None])[:, 0], **conditions), generator)
+    return model.decode(clip).clamp(-1, 1)

@@ -15,8 +15,8 @@ extra=("$@")
 mkdir -p checkpoints
 
 case $config in
-  tiny)  steps0=4000 batch0=128 steps1=2500 steps2=900 steps3=300 steps_fvd=1500 ;;
-  small) steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 steps_fvd=4000 ;;
+  tiny)  steps_fvd=1500 steps_ae=6000 steps0=2400 batch0=128 steps1=2500 steps2=900 steps3=300 ;;
+  small) steps_fvd=4000 steps_ae=12000 steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 ;;
   *) echo "error: config must be tiny or small, got '$config'" >&2; exit 1 ;;
 esac
 
@@ -31,6 +31,8 @@ stage() {
   python -c "import common, sys; common.export_checkpoint(sys.argv[1], sys.argv[2])" "$run/ckpt.pt" "$out"
 }
 
+stage video_encoder runs/video_encoder_$config $steps_fvd fvd.py --export=none  # FlashBench's features
+stage autoencoder runs/autoencoder_$config $steps_ae autoencoder.py --export=none  # stage 0a: the latent
 stage slow_generator runs/slow_generator_$config $steps0 train.py --batch_size=$batch0 --lr=8e-4
 for kind in controlnet lora; do
   stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 train_adapter.py --adapter=$kind
@@ -42,5 +44,4 @@ for loss in hybrid diffusion adversarial; do
 done
 stage fast_adapter_hybrid_lora runs/fast_adapter_hybrid_lora_$config $steps3 hybrid_finetune.py \
   --adapter_ckpt=checkpoints/slow_adapter_lora_$config.pt
-stage video_encoder runs/video_encoder_$config $steps_fvd fvd.py --export=none  # FlashBench's FVD features
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"

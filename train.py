@@ -19,19 +19,23 @@ import sys
 import torch
 
 import data
-from common import (Run, UserError, autocast, ema_decay_at, ema_update, lr_at, noise_seed, parse_flags,
-                    require_at_least, require_one_of, set_lr)
-from model import CONFIGS, TIME_SHIFT, build_model, config_dict, flow_matching_loss, generate, video_shape
+from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
+                    parse_flags, require_at_least, require_one_of, set_lr)
+from model import (CODECS, CONFIGS, TIME_SHIFT, attach_autoencoder, build_model, config_dict, flow_matching_loss,
+                   generate, video_shape)
 from scenes import ClipFolder
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: video shape and model size (model.CONFIGS)"),
+    codec=("", "pixel | latent | conv: where the diffusion runs (model.py); empty: the config's"),
+    autoencoder=("checkpoints/autoencoder_<config>.pt", "the frozen autoencoder of --codec=latent (autoencoder.py)"),
     out_dir=("", "default runs/slow_generator_<config>"),
     data_dir=("", "a folder of your own clips (scenes.ClipFolder); empty: the sprite world"),
     batch_size=(16, "clips per rank and micro-step"),
     grad_accum=(1, "micro-steps per optimizer step"),
     max_steps=(20000, "length of the lr schedule"),
     stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
+    time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     lr=(5e-4, "peak learning rate"),
     warmup=(200, "linear warmup steps"),
     weight_decay=(0.01, "AdamW weight decay"),
@@ -53,19 +57,25 @@ FLAGS = dict(
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
     require_one_of(opt, "config", CONFIGS)
+    if opt.codec:
+        require_one_of(opt, "codec", CODECS)
     require_at_least(opt, ("batch_size", "grad_accum", "max_steps", "ckpt_interval"))
     opt.out_dir = opt.out_dir or f"runs/slow_generator_{opt.config}"
     run = Run(opt, kind="slow_generator")
     device = run.device
 
-    model = build_model(opt.config).to(device)
+    model = build_model(opt.config, **({"codec": opt.codec} if opt.codec else {}))
+    if model.cfg.codec == "latent":
+        attach_autoencoder(model, load_checkpoint(opt.autoencoder.replace("<config>", opt.config), kind="autoencoder"))
+    model = model.to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
     if run.saved is not None and run.saved["model_config"] != config_dict(model):
         raise UserError(f"{run.path} was trained with another model config: {run.saved['model_config']}")
     run.restore(model=model, ema=ema_model, optimizer=optimizer)
     if run.master:
-        print(f"slow generator '{opt.config}': {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        print(f"slow generator '{opt.config}' ({model.cfg.codec}): "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters, "
               f"tokens {model.grid}, device {device}, {run.world_size} rank(s), step {run.step}/{opt.max_steps}")
     train_model = run.wrap(model)
 
@@ -92,7 +102,7 @@ def main(argv):
         lr = set_lr(optimizer, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         loss_sum = 0.0
         for micro in range(opt.grad_accum):
-            video = next(batches)["video"].to(device, non_blocking=True)  # (B, T, C, H, W)
+            video = model.encode(next(batches)["video"].to(device, non_blocking=True))  # (B, *model.space)
             noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step * opt.grad_accum + micro))
             # DDP all-reduces gradients only on the last micro-step.
             last = run.world_size == 1 or micro == opt.grad_accum - 1

@@ -38,6 +38,7 @@ FLAGS = dict(
     batch_size=(16, "clips per rank and step"),
     max_steps=(4000, "length of the lr schedule"),
     stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
+    time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     lr=(5e-4, "peak learning rate"),
     warmup=(100, "linear warmup steps"),
     weight_decay=(0.0, "AdamW weight decay"),
@@ -87,7 +88,7 @@ def main(argv):
     # ------------------------------------------------ the frozen generator ---
     parent = load_checkpoint(opt.generator_ckpt, kind="slow_generator")
     generator = model_from_checkpoint(parent).to(device).requires_grad_(False).eval()
-    if generator.cfg != CONFIGS[opt.config]:
+    if video_shape(generator.cfg) != video_shape(opt.config):
         raise UserError(f"{opt.generator_ckpt} is not a '{opt.config}' generator: {parent['model_config']}")
 
     # --------------------------------------------------------- the adapter ---
@@ -132,8 +133,8 @@ def main(argv):
     for step in run.steps(f"stage 1 {opt.adapter}"):
         lr = set_lr(optimizer, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         batch = next(batches)
-        video = batch["video"].to(device, non_blocking=True)  # (B, T, C, H, W)
-        trajectory = batch[CONDITIONS[opt.condition]].to(device, non_blocking=True)  # (B, T, 3, H, W)
+        video = generator.encode(batch["video"].to(device, non_blocking=True))  # (B, *generator.space)
+        trajectory = batch[CONDITIONS[opt.condition]].to(device, non_blocking=True)  # (B, T, 3, H, W) pixels
         noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
         traj_keep = (torch.rand(len(video), generator=noise_gen, device=device) >= opt.traj_drop_prob).float()
         with autocast(device):

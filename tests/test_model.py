@@ -20,7 +20,7 @@ def random_final_layer(model):
 def test_shapes_for_each_config(name, tokens, params):
     model = build_model(name)
     cfg = model.cfg
-    x = torch.randn(1, cfg.frames, 3, cfg.size, cfg.size)
+    x = torch.randn(1, *model.space)
     with torch.no_grad():
         out, features = model(x, torch.tensor([0.5]), x[:, 0], return_features=True)
     assert out.shape == x.shape
