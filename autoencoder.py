@@ -1,6 +1,7 @@
-"""Stage 0a (under test): a video autoencoder, pixels to a compact latent and
-back, as real video DiTs use (Wan's VAE), so that a latent DiT can denoise
-few values per token and a conv decoder can draw the edges.
+"""Stage 0a: the video autoencoder, pixels to a compact latent and back, as
+real video DiTs use (Wan's VAE): the DiT denoises few values per token and
+the conv decoder draws the edges. The slow generator (model.py, codec
+"latent") holds a frozen copy and every later stage inherits it.
 
 Per frame, a small conv net maps (3, H, W) to (channels, H/down, W/down).
 Objects are a few percent of the pixels, and a plain L1/MSE loss lets them
@@ -9,15 +10,15 @@ much, and an edge term compares neighbouring-pixel differences so that the
 decoder keeps shapes sharp. Noise on the latent during training keeps it
 smooth (a small change of latent, a small change of frame), which a
 diffusion model on top of it needs. The checkpoint stores each latent
-channel's mean and standard deviation over real clips, to scale latents to
-unit variance.
+channel's mean and standard deviation over real clips; the DiT scales its
+latents with them to the spread of pixel clips (model.VideoDiT.encode).
 
     python autoencoder.py                     # tiny: 2x down, 4 channels
     python autoencoder.py --down=4 --channels=8
 
 Held-out reconstructions are measured with FlashBench's instruments (mask
-IoU, FID, FVD: docs/results.md). Whether the DiT runs on this latent is
-decided by measurement against the pixel DiT; until then no stage uses it.
+IoU, FID, FVD). The latent DiT won the stage-0 A/B against the pixel DiT and
+a DiT with its own conv stem and head (docs/results.md).
 """
 
 import os

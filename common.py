@@ -120,7 +120,8 @@ def check_writable(path):
 # The command that makes each shipped checkpoint (by file-name prefix), for error messages.
 MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_adapter.py",
            "fast_generator": "python distill.py", "dmd_joint": "python distill.py --controlled=true",
-           "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python fvd.py"}
+           "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python fvd.py",
+           "autoencoder": "python autoencoder.py"}
 
 
 def how_to_make(path):

@@ -40,8 +40,8 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     codec: str = "pixel"        # pixel | latent | conv: where the diffusion runs (module docstring)
     codec_down: int = 2         # latent, conv: spatial down-sampling before the patches
-    codec_channels: int = 4     # latent: autoencoder channels; conv: stem channels
-    codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py)
+    codec_channels: int = 4     # latent: the autoencoder's latent channels
+    codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py); conv: the stem's and head's
 
 
 # Every config by name: the video shape and the model size. `micro` exists for the tests.
@@ -484,9 +484,10 @@ def euler_sample(velocity_fn, noise, times):
 def generate(model, first_frame, steps=50, shift=TIME_SHIFT, guidance=1.0, generator=None, uncond=None,
              **conditions):
     """A clip from a pixel first frame (B, C, H, W): pixels (B, T, C, H, W) in
-    [-1, 1], sampled in the model's space (encode, sample, decode). model is the generator or anything called like it (adapter.Controlled);
-    conditions are its extra keyword arguments; guidance drops the first
-    frame unless uncond says what else to drop."""
+    [-1, 1], sampled in the model's space (encode, sample, decode). model is
+    the generator or anything called like it (adapter.Controlled); conditions
+    are its extra keyword arguments; guidance drops the first frame unless
+    uncond says what else to drop."""
     times = sampling_times(steps, shift, first_frame.device)
     cond = dict(first_frame=model.encode(first_frame[:, None])[:, 0], **conditions)
     velocity = guided_velocity(model, guidance, cond, {"first_frame": None} if uncond is None else uncond)

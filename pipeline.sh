@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole FlashMotion pipeline from nothing, stage by stage:
 #
-#   bash pipeline.sh tiny     # CPU is enough (hours on 2 cores); what checkpoints/ ships
+#   bash pipeline.sh tiny     # what checkpoints/ ships: ~15 min on one GPU; on 2 CPU cores
+#                             # stage 0 alone takes most of a day (128 clips a step)
 #   bash pipeline.sh small    # one GPU
 #
 # Each stage trains into runs/<name>_<config>/ and, when done, exports its EMA

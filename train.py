@@ -66,16 +66,21 @@ def main(argv):
 
     model = build_model(opt.config, **({"codec": opt.codec} if opt.codec else {}))
     if model.cfg.codec == "latent":
-        attach_autoencoder(model, load_checkpoint(opt.autoencoder.replace("<config>", opt.config), kind="autoencoder"))
+        path = opt.autoencoder.replace("<config>", opt.config)
+        try:
+            attach_autoencoder(model, load_checkpoint(path, kind="autoencoder"))
+        except ValueError as e:
+            raise UserError(f"--autoencoder {path}: {e}") from None
     model = model.to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # not the frozen autoencoder
+    optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
     if run.saved is not None and run.saved["model_config"] != config_dict(model):
         raise UserError(f"{run.path} was trained with another model config: {run.saved['model_config']}")
     run.restore(model=model, ema=ema_model, optimizer=optimizer)
     if run.master:
         print(f"slow generator '{opt.config}' ({model.cfg.codec}): "
-              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters, "
+              f"{sum(p.numel() for p in trained) / 1e6:.2f}M trained parameters, "
               f"tokens {model.grid}, device {device}, {run.world_size} rank(s), step {run.step}/{opt.max_steps}")
     train_model = run.wrap(model)
 

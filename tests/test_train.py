@@ -43,7 +43,9 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
 @pytest.mark.parametrize("flag, message", [("--lr=fast", "--lr must be a number"),
                                            ("--batchsize=4", "unknown option --batchsize"),
                                            ("--config=huge", "--config must be one of"),
-                                           ("--resume=maybe", "--resume must be true or false")])
+                                           ("--resume=maybe", "--resume must be true or false"),
+                                           ("--codec=jpeg", "--codec must be one of"),
+                                           ("--codec=latent", "autoencoder_micro.pt; make it with python autoencoder.py")])
 def test_bad_flags_fail_with_one_line(flag, message, tmp_path):
     result = train(flag, f"--out_dir={tmp_path}")
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
