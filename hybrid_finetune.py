@@ -9,7 +9,7 @@ generator, along the same 4-step path the fast generator samples
   a diffusion loss     at a step k of the 4-step list, the adapted fast
                        generator's clean prediction of a noised real clip
                        (with its true trajectory maps) is regressed to that
-                       clip: pixel supervision that keeps objects on their
+                       clip: direct supervision that keeps objects on their
                        paths;
   an adversarial loss  from a diffusion discriminator: the frozen slow
                        generator + slow adapter read a clip re-noised at a
@@ -125,7 +125,7 @@ def disc_time(batch, max_t, generator, device):
 
 def diffusion_loss(model, video, times, k, cond, noise_gen):
     """The real clip, noised to the time of step k, must come back as itself:
-    pixel supervision that keeps objects on their paths."""
+    direct supervision (in the generator's space) that keeps objects on their paths."""
     with autocast(video.device):
         noise = torch.randn(video.shape, generator=noise_gen, device=video.device)
         predicted = few_step_step(model, add_noise(video, noise, times[k].expand(len(video))), times[k], cond)
