@@ -33,9 +33,9 @@ import data
 from adapter import Controlled, adapter_from_checkpoint
 from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
                     parse_flags, require_at_least, require_one_of, set_lr)
-from model import (CONFIGS, FAST_TIMES, TIME_SHIFT, add_noise, clean_estimate, config_dict, fast_generate,
-                   fast_times, few_step_sample, few_step_step, flow_matching_loss, generate, guided_velocity,
-                   model_from_checkpoint, sample_training_time, video_shape)
+from model import (CONFIGS, FAST_TIMES, TIME_SHIFT, add_noise, clean_estimate, config_dict, encode_first_frame,
+                   fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss, generate,
+                   guided_velocity, model_from_checkpoint, sample_training_time, video_shape)
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the teacher"),
@@ -173,7 +173,7 @@ def main(argv):
     def conditions_of(batch):
         """The scores' keyword arguments, and what guidance drops: the first
         frame, or (dmd-joint) the trajectory in the maps the adapter reads."""
-        first = real_score.encode(batch["video"][:, :1].to(device))[:, 0]  # in the model's space
+        first = encode_first_frame(real_score, batch["video"][:, 0].to(device))
         if not opt.controlled:
             return dict(first_frame=first), {"first_frame": None}
         return (dict(first_frame=first, trajectory=real_score.trajectory(batch).to(device)),

@@ -489,9 +489,14 @@ def generate(model, first_frame, steps=50, shift=TIME_SHIFT, guidance=1.0, gener
     are its extra keyword arguments; guidance drops the first frame unless
     uncond says what else to drop."""
     times = sampling_times(steps, shift, first_frame.device)
-    cond = dict(first_frame=model.encode(first_frame[:, None])[:, 0], **conditions)
+    cond = dict(first_frame=encode_first_frame(model, first_frame), **conditions)
     velocity = guided_velocity(model, guidance, cond, {"first_frame": None} if uncond is None else uncond)
     return model.decode(euler_sample(velocity, initial_noise(model, first_frame, generator), times)).clamp(-1, 1)
+
+
+def encode_first_frame(model, frame):
+    """A pixel first frame (B, C, size, size) in the space the model (or a Controlled) runs in."""
+    return model.encode(frame[:, None])[:, 0]
 
 
 def initial_noise(model, first_frame, generator):
@@ -537,5 +542,5 @@ def fast_generate(model, first_frame, generator=None, shift=TIME_SHIFT, **condit
     """A clip in len(FAST_TIMES) steps from a pixel first frame: pixels (B, T, C, H, W) in [-1, 1]."""
     times = fast_times(shift, first_frame.device)
     clip = few_step_sample(model, initial_noise(model, first_frame, generator), times,
-                           dict(first_frame=model.encode(first_frame[:, None])[:, 0], **conditions), generator)
+                           dict(first_frame=encode_first_frame(model, first_frame), **conditions), generator)
     return model.decode(clip).clamp(-1, 1)
