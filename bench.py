@@ -9,6 +9,7 @@ figure with a 95% bootstrap interval over the scenes.
     python bench.py --scenes=scenes/                 # every *.json scene file in a folder instead
                                                      # (FID/FVD of a few clips is mostly noise: see its real row)
     python bench.py --instruments                    # the instruments on real clips with known flaws
+    python bench.py --pairs=flashmotion:naive        # paired differences (default: the paper's claims)
 """
 
 import glob
@@ -27,6 +28,12 @@ from model import CONFIGS, video_shape
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
 
+# The paper's claims as differences (a minus b): the misalignment, what each loss buys, the speed-up's cost.
+DEFAULT_PAIRS = [("naive", "teacher"), ("flashmotion", "naive"), ("diffusion-only", "naive"),
+                 ("flashmotion", "diffusion-only"), ("adversarial-only", "diffusion-only"),
+                 ("flashmotion", "adversarial-only"), ("flashmotion", "fixed-lambda"), ("flashmotion", "dmd-joint"),
+                 ("flashmotion", "teacher")]
+
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),
     methods=("", "comma-separated; default every method whose checkpoints exist"),
@@ -40,6 +47,8 @@ FLAGS = dict(
     json=("", "write the results here"),
     instruments=(False, "instead of methods: the instruments on real clips with known flaws (degrade.py)"),
     gif=("", "write a side-by-side video here (.gif or .mp4)"),
+    pairs=("default", "comma-separated a:b, a minus b on the same scenes and noise with paired intervals; "
+                      "default: the paper's claims (DEFAULT_PAIRS) among the methods measured"),
 )
 # The paper's FlashBench columns first, then our extra statistics.
 PAPER_COLUMNS = ["fid", "fvd", "miou", "box_iou", "nfe", "ms_per_video"]
@@ -82,16 +91,47 @@ def summarise(figures):
 
 
 def measure(method, scenes, encoder, references, opt):
-    """One method's row: FID and FVD (both seeds), accuracy (first seed), quality statistics, speed."""
+    """One method's row: FID and FVD (both seeds), accuracy (first seed), quality statistics, speed.
+    Returns (the row, the first seed's clips, the per-scene figures and features for paired differences)."""
     videos, seconds = generate_clips(method, scenes, guidance=opt.guidance, seed=opt.seed)
     other, _ = generate_clips(method, scenes, guidance=opt.guidance, seed=opt.seed + 1000)
     figures = per_scene_figures(videos, scenes, other)
-    result = {**fvd.frechet_scores(encoder, *references, torch.stack([videos, other], 1)), **summarise(figures),
+    features = fvd.scene_features(encoder, torch.stack([videos, other], 1))
+    result = {**fvd.frechet_scores(*references, features), **summarise(figures),
               "nfe": method.nfe(opt.guidance), "ms_per_video": 1000 * seconds}
     counts = scenes["n_objects"].tolist()
     result["by_objects"] = {n: metrics.mean_of([f for f, c in zip(figures, counts) if c == n])
                             for n in sorted(set(counts))}
-    return result, videos
+    return result, videos, (figures, features)
+
+
+def paired_differences(pairs, per_scene, references):
+    """Method a minus method b for each pair (a, b): accuracy per scene, FID
+    and FVD by the same bootstrap draws of scenes; each with its 95% interval.
+    Both ran on the same scenes, first frames and noise, so the scenes'
+    shared difficulty cancels and the intervals are far tighter than the
+    two rows' own."""
+    rows = {}
+    for a, b in pairs:
+        (figures_a, features_a), (figures_b, features_b) = per_scene[a], per_scene[b]
+        row = fvd.paired_frechet_scores(*references, features_a, features_b)
+        for key in ("miou", "box_iou"):
+            differences = [fa[key] - fb[key] for fa, fb in zip(figures_a, figures_b)]
+            row[key], row[f"{key}_ci"] = sum(differences) / len(differences), metrics.mean_interval(differences)
+        rows[f"{a} − {b}"] = row
+    return rows
+
+
+def pairs_of(opt, names):
+    """The --pairs flag as (a, b) tuples among the measured methods."""
+    if opt.pairs == "default":
+        return [(a, b) for a, b in DEFAULT_PAIRS if a in names and b in names]
+    pairs = [tuple(p.split(":")) for p in opt.pairs.split(",") if p]
+    for pair in pairs:
+        if len(pair) != 2 or not all(m in names for m in pair):
+            raise UserError(f"--pairs: '{':'.join(pair)}' must be two measured methods a:b (measured: "
+                            f"{', '.join(names)})")
+    return pairs
 
 
 def cell(value):
@@ -109,9 +149,9 @@ def table(rows, columns, headings=None):
     return "\n".join(lines)
 
 
-def with_interval(r, key):
+def with_interval(r, key, sign=""):
     lo, hi = r[f"{key}_ci"]
-    return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{r[key]:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
 
 def print_tables(results, real):
@@ -136,7 +176,7 @@ def instruments(opt, encoder, references):
 
     def row(clips, against=None):  # FID and FVD; the per-scene figures too when measured against the truth
         figures = summarise(per_scene_figures(clips, against)) if against is not None else {}
-        return {**fvd.frechet_scores(encoder, *references, clips[:, None]), **figures}
+        return {**fvd.frechet_scores(*references, fvd.scene_features(encoder, clips[:, None])), **figures}
 
     rows = {"real, set A": row(truth["video"], truth),
             "real, set B": row(benchmark_scenes(opt.config, per_count, seed=FLOOR_SEED)["video"])}
@@ -184,10 +224,11 @@ def main(argv):
     if not opt.scenes:
         scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
 
-    results, clips = {}, {}
+    pairs = pairs_of(opt, names)
+    results, clips, per_scene = {}, {}, {}
     for name in names:
         method = load_method(name, opt.config, opt.adapter, opt.checkpoints, teacher_steps=opt.teacher_steps)
-        results[name], clips[name] = measure(method, scenes, encoder, references, opt)
+        results[name], clips[name], per_scene[name] = measure(method, scenes, encoder, references, opt)
         r = results[name]
         print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "
               f"{r['ms_per_video']:.0f} ms/video", file=sys.stderr)
@@ -195,12 +236,18 @@ def main(argv):
     floor = (data.SpriteWorld(**video_shape(opt.config), batch_size=2 * len(scenes["video"]),
                               seed=FLOOR_SEED).batch(0) if opt.scenes else
              benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED))
-    real = {**fvd.frechet_scores(encoder, *references, floor["video"][:, None]),
+    real = {**fvd.frechet_scores(*references, fvd.scene_features(encoder, floor["video"][:, None])),
             **metrics.mean_of(metrics.batch_trajectory_accuracy(scenes["video"], scenes)),
             **metrics.quality(scenes["video"], scenes["video"]), "ssim": 1.0}
     del real["psnr"]  # infinite against itself
     print_tables(results, real)
-    write_json(opt.json, {"methods": results, "real": real, "settings": vars(opt)})
+    differences = paired_differences(pairs, per_scene, references)
+    if differences:
+        keys = ["miou", "box_iou", "fid", "fvd"]
+        print("\nPaired differences (a − b, same scenes and noise), 95% intervals:\n")
+        print(table({name: {k: with_interval(r, k, "+") for k in keys} for name, r in differences.items()}, keys,
+                    HEADINGS))
+    write_json(opt.json, {"methods": results, "real": real, "pairs": differences, "settings": vars(opt)})
     if opt.gif:
         # one scene with 1, 3 and 5 objects (a folder: its first three scenes)
         picks = range(min(3, len(scenes["video"]))) if opt.scenes else [i * opt.scenes_per_count for i in (0, 2, 4)]

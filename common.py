@@ -138,7 +138,10 @@ def save_checkpoint(path, payload):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); a checkpoint is not
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -168,12 +171,12 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
 
 
 TRAINING_STATE = ("model", "optimizer", "opt_generator", "opt_fake", "fake_score", "opt_adapter", "opt_disc",
-                  "disc_heads")
+                  "disc_classifier")
 
 
 def export_checkpoint(src, dst):
     """A run's checkpoint without what only training needs (raw weights,
-    optimizers, fake score, discriminator heads): the EMA weights and the
+    optimizers, fake score, discriminator classifier): the EMA weights and the
     metadata that tie it to its parents. This is what checkpoints/ ships."""
     ckpt = load_checkpoint(src)
     save_checkpoint(dst, {key: value for key, value in ckpt.items() if key not in TRAINING_STATE})

@@ -221,13 +221,14 @@ class Reference:
         """Frechet distance of features (N, D) to the reference."""
         return frechet_distance(gaussian_stats(features), self.stats, self.root)
 
-    def interval(self, features, resamples=300, level=0.95, seed=0):
-        """95% bootstrap interval of `distance` over scenes: features (S, m, D),
-        the m feature vectors of each of S scenes (frames, or the clips of its
-        seeds), drawn again by scene. A drawn set repeats scenes, which shrinks
-        its effective size and lifts the distance (FD is biased upward at few
-        samples), so the draws are re-centred on the estimate: the percentile
-        interval of the draws, shifted by their mean's excess over the estimate."""
+    def draws(self, features, resamples=300, seed=0):
+        """Distances of `resamples` bootstrap draws of the scenes: features
+        (S, m, D), the m feature vectors of each of S scenes (frames, or the
+        clips of its seeds), drawn again by scene. A drawn set repeats scenes,
+        which shrinks its effective size and lifts the distance (FD is biased
+        upward at few samples), so the draws are re-centred on the estimate
+        (shifted by their mean's excess over it). The same (S, seed) draws the
+        same scenes, so two methods' draws pair up."""
         S, m = features.shape[:2]
         estimate = self.distance(features.flatten(0, 1))
         # Each draw as counts per scene; its mean and covariance from per-scene sums (no copies of features).
@@ -240,10 +241,22 @@ class Reference:
         second = (counts @ products).view(resamples, *features.shape[-1:] * 2) / n
         cov = (second - mean[:, :, None] * mean[:, None, :]) * n / (n - 1)
         values = frechet_distances(mean, cov, self.stats, self.root)
-        tail = (1 - level) / 2
-        low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
-        excess = values.mean().item() - estimate
-        return [low - excess, high - excess]
+        return values - (values.mean() - estimate)
+
+    def interval(self, features, resamples=300, level=0.95, seed=0):
+        """95% bootstrap interval of `distance` over scenes (see draws)."""
+        return percentile_interval(self.draws(features, resamples, seed), level)
+
+    def paired_interval(self, features_a, features_b, resamples=300, level=0.95, seed=0):
+        """95% interval of distance(a) - distance(b) for two methods on the same
+        scenes: both drawn with the same scenes, so what the scenes share cancels."""
+        return percentile_interval(self.draws(features_a, resamples, seed) - self.draws(features_b, resamples, seed),
+                                   level)
+
+
+def percentile_interval(values, level=0.95):
+    tail = (1 - level) / 2
+    return torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
 
 
 def reference_statistics(encoder, config, clips, seed):
@@ -265,17 +278,33 @@ def load_encoder(path):
     return encoder.eval(), Reference(*ckpt["frame_reference"]), Reference(*ckpt["clip_reference"])
 
 
-def frechet_scores(encoder, frame_reference, clip_reference, clips):
-    """FID (frames 1..) and FVD of clips (S, m, T, 3, H, W), m samples of each
-    of S scenes, against the real statistics, each with its 95% interval over
-    the scenes: {"fid", "fid_ci", "fvd", "fvd_ci"}."""
+def scene_features(encoder, clips):
+    """clips (S, m, T, 3, H, W), m samples of each of S scenes -> frame
+    features (S, m (T-1), D_f) and clip features (S, m, D_c), by scene."""
     S = clips.shape[0]
     frames, clip_features = embed(encoder, clips.flatten(0, 1))
-    frames = rearrange(frames, "(s m) t d -> s (m t) d", s=S)  # all frames of a scene's samples together
-    clip_features = rearrange(clip_features, "(s m) d -> s m d", s=S)
+    return (rearrange(frames, "(s m) t d -> s (m t) d", s=S),  # all frames of a scene's samples together
+            rearrange(clip_features, "(s m) d -> s m d", s=S))
+
+
+def frechet_scores(frame_reference, clip_reference, features):
+    """FID (frames 1..) and FVD of scene_features, against the real statistics,
+    each with its 95% interval over the scenes: {"fid", "fid_ci", "fvd", "fvd_ci"}."""
+    frames, clip_features = features
     return {"fid": frame_reference.distance(frames.flatten(0, 1)), "fid_ci": frame_reference.interval(frames),
             "fvd": clip_reference.distance(clip_features.flatten(0, 1)),
             "fvd_ci": clip_reference.interval(clip_features)}
+
+
+def paired_frechet_scores(frame_reference, clip_reference, features_a, features_b):
+    """FID and FVD of method a minus method b on the same scenes and noise,
+    each with its paired 95% interval: {"fid", "fid_ci", "fvd", "fvd_ci"}."""
+    result = {}
+    for key, reference, a, b in (("fid", frame_reference, features_a[0], features_b[0]),
+                                 ("fvd", clip_reference, features_a[1], features_b[1])):
+        result[key] = reference.distance(a.flatten(0, 1)) - reference.distance(b.flatten(0, 1))
+        result[f"{key}_ci"] = reference.paired_interval(a, b)
+    return result
 
 
 FLAGS = dict(

@@ -11,26 +11,43 @@ generator, along the same 4-step path the fast generator samples
                        (with its true trajectory maps) is regressed to that
                        clip: direct supervision that keeps objects on their
                        paths;
-  an adversarial loss  from a diffusion discriminator: the frozen slow
-                       generator + slow adapter read a clip re-noised at a
-                       random t, and small trainable heads on several of its
-                       blocks' features tell real clips from generated ones
-                       (the trajectory enters through the slow adapter):
-                       what keeps the 4-step clips sharp.
+  an adversarial loss  from a diffusion discriminator: a frozen slow model
+                       reads a clip re-noised at a random t, and a small
+                       trainable classifier on several of its blocks'
+                       features tells real clips from generated ones: what
+                       keeps the 4-step clips sharp.
 
-  adapter loss = diffusion + lambda_adv * adversarial        (--loss=hybrid)
+  adapter loss = adversarial + lambda(step) * diffusion        (--loss=hybrid)
 
---loss=diffusion and --loss=adversarial train the two ablations of the paper.
+with the paper's schedule lambda = 1 / (4e-3 step + 0.1) over its ~1K steps,
+stretched to --max_steps: 10 at first (the diffusion loss leads and brings the
+trajectories back), 1 at 22% of the run, 0.24 at the end (the adversarial
+loss leads, for sharpness). --loss=fixed_lambda keeps lambda = 1 (the paper's
+ablation); --loss=diffusion and --loss=adversarial train one loss alone.
+Our two losses' gradients differ in scale far more than the paper's, so by
+default (--balance) the adversarial gradient is first scaled to the
+diffusion one's norm, and lambda then mixes gradients of equal size
+(mix_gradients).
+
+The discriminator, --discriminator=
+  query   the paper's: the backbone is the frozen slow generator; per chosen
+          block a learnable query token attends (1) to itself and the
+          first-frame tokens, (2) to the trajectory tokens, (3) to the video
+          tokens, then an MLP makes its logit; the logits are summed;
+  tokens  the earlier form: the backbone is the slow generator with the slow
+          adapter (the trajectory enters through it), and per-token MLP heads
+          are averaged over the tokens.
 The GAN loss is the non-saturating one (softplus), as in DMD2. No R1 penalty:
 the discriminator only ever sees noised clips, which already smooths it
 (the instance-noise argument of Diffusion-GAN), and R1 would need a second
-backward through the whole backbone. The discriminator sees low and middle
-noise only, t ~ U(0.02, disc_max_t), and its heads learn fast: above t ~ 0.7
-real and generated clips are hardly told apart (docs/results.md, stage 3).
+backward through the whole backbone. It sees low and middle noise only,
+t ~ U(0.02, disc_max_t): above t ~ 0.7 real and generated clips are hardly
+told apart (docs/results.md, stage 3).
 
     python hybrid_finetune.py                      # flashmotion: hybrid loss, tiny
     python hybrid_finetune.py --loss=diffusion     # the diffusion-only ablation
     python hybrid_finetune.py --loss=adversarial   # the adversarial-only ablation
+    python hybrid_finetune.py --loss=fixed_lambda  # lambda = 1 throughout
     python hybrid_finetune.py --resume=true
 """
 
@@ -43,30 +60,33 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from adapter import Controlled, adapter_from_checkpoint
+from adapter import Controlled, adapter_from_checkpoint, trajectory_channels
 from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
                     parse_flags, require_at_least, require_one_of, set_lr)
 from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, fast_times, few_step_sample,
                    few_step_step, model_from_checkpoint, video_shape)
 
-LOSSES = ("hybrid", "diffusion", "adversarial")
+LOSSES = ("hybrid", "fixed_lambda", "diffusion", "adversarial")
+DISCRIMINATORS = ("query", "tokens")
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the checkpoints"),
     fast_generator_ckpt=("", "default checkpoints/fast_generator_<config>.pt"),
     slow_generator_ckpt=("", "the discriminator's backbone; default checkpoints/slow_generator_<config>.pt"),
     adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_<config>.pt"),
-    loss=("hybrid", "hybrid | diffusion | adversarial"),
-    lambda_adv=(0.1, "weight of the adversarial loss in the hybrid objective"),
+    loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial"),
+    lambda_rate=(4.0, "hybrid: lambda = 1 / (lambda_rate * step / max_steps + 0.1), the paper's over 1K steps"),
+    discriminator=("query", "query (the paper's query-token classifier) | tokens (per-token heads)"),
+    balance=(True, "scale the adversarial gradient to the diffusion gradient's norm before lambda mixes them"),
     diffusion_steps=("0,1,2,3", "steps k of the 4-step list where the diffusion loss applies"),
-    disc_blocks=("1,3,5", "backbone blocks whose features the discriminator heads read"),
+    disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
     out_dir=("", "default runs/fast_adapter_<loss>_<config>"),
     batch_size=(8, "clips per rank and step"),
     max_steps=(300, "length of the lr schedule"),
     stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
     time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     lr=(1e-4, "learning rate of the adapter"),
-    lr_disc=(2e-3, "learning rate of the discriminator heads"),
+    lr_disc=(2e-3, "learning rate of the discriminator's classifier"),
     disc_max_t=(0.6, "the discriminator sees clips re-noised at t ~ U(0.02, disc_max_t)"),
     disc_steps=(1, "discriminator updates per adapter update"),
     warmup=(20, "linear warmup steps"),
@@ -84,24 +104,84 @@ FLAGS = dict(
 
 # ------------------------------------------- the diffusion discriminator ---
 
-class DiffusionDiscriminator(nn.Module):
-    """A frozen controllable slow model as the feature backbone, with one small
-    trainable head per chosen block. Each head scores every token; the logit
-    of a clip is the mean over tokens, summed over heads."""
+class QueryClassifier(nn.Module):
+    """The paper's classifier. Per block, a learnable query token attends
+    (1) to itself and the first-frame tokens (the backbone's first temporal
+    slot, where the given frame sits), (2) to the trajectory tokens, (3) to the
+    block's video tokens; an MLP turns it into a logit. Trajectory and video
+    tokens share a learnt position embedding, so the query can match where an
+    object should be with where it is."""
 
-    def __init__(self, backbone, blocks):
+    def __init__(self, dim, heads, grid, map_dim, n_blocks):
         super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.blocks = list(blocks)
-        dim = backbone.cfg.dim
+        self.first_slot = grid[1] * grid[2]  # tokens of the first temporal slot
+        self.position = nn.Parameter(torch.randn(1, grid[0] * self.first_slot, dim) * 0.02)
+        self.trajectory_embed = nn.Linear(map_dim, dim)
+        self.feature_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.queries = nn.Parameter(torch.randn(n_blocks, 1, dim) * 0.02)
+        self.norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(dim) for _ in range(3)) for _ in range(n_blocks))
+        self.attentions = nn.ModuleList(nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True)
+                                                      for _ in range(3)) for _ in range(n_blocks))
+        self.logits = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+                                    for _ in range(n_blocks))
+
+    def forward(self, features, maps):
+        """features: per block (B, N, dim); maps (B, N, map_dim): the trajectory maps as tokens. Logits (B,)."""
+        trajectory = self.trajectory_embed(maps) + self.position
+        logit = 0
+        for i, block_features in enumerate(features):
+            video = self.feature_norm(block_features) + self.position
+            q = self.queries[i].expand(len(video), -1, -1)  # (B, 1, dim)
+            (norm_1, norm_2, norm_3), (attend_1, attend_2, attend_3) = self.norms[i], self.attentions[i]
+            h = norm_1(torch.cat([q, video[:, :self.first_slot]], dim=1))  # (1) with the first-frame tokens
+            q = q + attend_1(h[:, :1], h, h, need_weights=False)[0]
+            h = norm_2(q)                                                   # (2) the trajectory tokens
+            q = q + attend_2(h, trajectory, trajectory, need_weights=False)[0]
+            h = norm_3(q)                                                   # (3) the video tokens
+            q = q + attend_3(h, video, video, need_weights=False)[0]
+            logit = logit + self.logits[i](q[:, 0]).squeeze(-1)
+        return logit
+
+
+class TokenClassifier(nn.Module):
+    """The earlier classifier: per block an MLP scores every token; a clip's
+    logit is the mean over tokens, summed over blocks."""
+
+    def __init__(self, dim, n_blocks):
+        super().__init__()
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-                                   for _ in self.blocks)
+                                   for _ in range(n_blocks))
+
+    def forward(self, features, maps=None):
+        return sum(head(f).mean(dim=(1, 2)) for head, f in zip(self.heads, features))
+
+
+class DiffusionDiscriminator(nn.Module):
+    """A frozen slow model as the feature backbone and a trainable classifier
+    on the features of the chosen blocks (--discriminator: query or tokens)."""
+
+    def __init__(self, slow_generator, slow_adapter, blocks, form="query"):
+        super().__init__()
+        self.form, self.blocks = form, list(blocks)
+        backbone = slow_generator if form == "query" else Controlled(slow_generator, slow_adapter)
+        self.backbone = backbone.requires_grad_(False).eval()
+        cfg = slow_generator.cfg
+        if form == "query":
+            map_dim = 4 * cfg.patch_t * cfg.patch_hw ** 2  # the maps and their presence flag, per token
+            self.classifier = QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, map_dim, len(self.blocks))
+        else:
+            self.classifier = TokenClassifier(cfg.dim, len(self.blocks))
 
     def forward(self, clip, t, noise, conditions):
         """clip (B, T, C, H, W) is re-noised to time t (B,) and scored: logits (B,)."""
         x_t = add_noise(clip, noise, t)
-        _, features = self.backbone(x_t, t, return_features=True, **conditions)
-        return sum(head(features[i]).mean(dim=(1, 2)) for head, i in zip(self.heads, self.blocks))
+        if self.form == "tokens":
+            _, features = self.backbone(x_t, t, return_features=True, **conditions)
+            return self.classifier([features[i] for i in self.blocks])
+        # The plain generator reads the clip; the trajectory reaches only the classifier.
+        _, features = self.backbone(x_t, t, conditions["first_frame"], return_features=True)
+        maps = self.backbone.patchify_pixels(trajectory_channels(conditions["trajectory"], None))  # (B, N, map_dim)
+        return self.classifier([features[i] for i in self.blocks], maps.to(features[0].dtype))
 
 
 def discriminator_loss(logits_real, logits_fake):
@@ -116,12 +196,22 @@ def generator_adversarial_loss(logits_fake):
 
 def disc_time(batch, max_t, generator, device):
     """The discriminator's noise levels: low and middle only. Above t ~ 0.6 the
-    noise hides what tells a generated clip from a real one, and the heads
-    learn nothing there."""
+    noise hides what tells a generated clip from a real one, and the
+    classifier learns nothing there."""
     return 0.02 + (max_t - 0.02) * torch.rand(batch, generator=generator, device=device)
 
 
-# ------------------------------------------ the adapter's two losses, the heads' update ---
+def diffusion_weight(loss, step, max_steps, rate=4.0):
+    """lambda(step), the diffusion loss's weight beside the adversarial loss.
+    The paper's 1 / (4e-3 step + 0.1) ran over ~1K steps; here `step` is
+    measured in thousandths of the run: 10 at first, 1 at 22.5% of it, 0.24
+    at its end. fixed_lambda: 1 throughout; one loss alone: weight 1."""
+    if loss == "hybrid":
+        return 1.0 / (rate * step / max_steps + 0.1)
+    return 1.0
+
+
+# ------------------------------------ the adapter's two losses, the classifier's update ---
 
 def diffusion_loss(model, video, times, k, cond, noise_gen):
     """The real clip, noised to the time of step k, must come back as itself:
@@ -149,7 +239,7 @@ def adversarial_loss(model, discriminator, video, times, k, cond, max_t, noise_g
 
 
 def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, noise_gen):
-    """One step of the heads: real clips against generated ones, re-noised alike,
+    """One step of the classifier: real clips against generated ones, re-noised alike,
     in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
     t = disc_time(len(real), max_t, noise_gen, real.device)
     noise = torch.randn(real.shape, generator=noise_gen, device=real.device)
@@ -162,6 +252,33 @@ def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, nois
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
+
+
+def take_gradients(module):
+    """The module's gradients (a list, one per parameter), taken out of it."""
+    gradients = [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return gradients
+
+
+def mix_gradients(adapter, gradients, weight, balance):
+    """Set the adapter's gradient to  lambda * diffusion + s * adversarial.
+
+    The paper's lambda says which loss leads, on its losses' scales. Ours
+    differ: the adversarial gradient is 10 to 100 times the diffusion one
+    (docs/results.md, stage 3), so as written the adversarial loss would lead
+    from the first step. With balance, s scales the adversarial gradient to
+    the diffusion gradient's norm (VQGAN's adaptive weight, over all the
+    adapter's parameters), and lambda = 10 -> 0.24 hands over as intended.
+    Without (or with one loss alone), s = 1. Returns s."""
+    diffusion, adversarial = gradients.get("diffusion"), gradients.get("adversarial")
+    scale = 1.0
+    if balance and diffusion is not None and adversarial is not None:
+        norm = lambda grads: torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        scale = (norm(diffusion) / (norm(adversarial) + 1e-12)).item()
+    for i, parameter in enumerate(adapter.parameters()):
+        parameter.grad = sum(w * g[i] for w, g in ((weight, diffusion), (scale, adversarial)) if g is not None)
+    return scale
 
 
 def index_list(opt, key, count, what):
@@ -182,6 +299,7 @@ def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "loss", LOSSES)
+    require_one_of(opt, "discriminator", DISCRIMINATORS)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "disc_steps", "eval_scenes"))
     if not 0.02 < opt.disc_max_t <= 1:
         raise UserError(f"--disc_max_t must be in (0.02, 1], got {opt.disc_max_t}")
@@ -191,7 +309,7 @@ def main(argv):
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
     opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_{opt.config}.pt"
     opt.out_dir = opt.out_dir or f"runs/fast_adapter_{opt.loss}_{opt.config}"
-    use_diffusion, use_adversarial = opt.loss in ("hybrid", "diffusion"), opt.loss in ("hybrid", "adversarial")
+    use_diffusion, use_adversarial = opt.loss != "adversarial", opt.loss != "diffusion"
     run = Run(opt, kind="fast_adapter")
     device = run.device
 
@@ -209,25 +327,27 @@ def main(argv):
                                       allow_other_generator=True).to(device).requires_grad_(True)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
     slow_adapter = adapter_from_checkpoint(adapter_ckpt, slow_generator, slow_ckpt).to(device)
-    discriminator = DiffusionDiscriminator(Controlled(slow_generator, slow_adapter.requires_grad_(False)),
-                                           disc_blocks).to(device)
+    discriminator = DiffusionDiscriminator(slow_generator, slow_adapter.requires_grad_(False), disc_blocks,
+                                           opt.discriminator).to(device)
     opt_adapter = torch.optim.AdamW(adapter.parameters(), lr=opt.lr, betas=(0.0, 0.99), weight_decay=0.0)
-    opt_disc = torch.optim.AdamW(discriminator.heads.parameters(), lr=opt.lr_disc, betas=(0.0, 0.99),
+    opt_disc = torch.optim.AdamW(discriminator.classifier.parameters(), lr=opt.lr_disc, betas=(0.0, 0.99),
                                  weight_decay=0.0)
-    if run.saved is not None and (run.saved["parent"] != fast_ckpt["run_id"] or run.saved["loss"] != opt.loss):
+    if run.saved is not None and (run.saved["parent"] != fast_ckpt["run_id"] or run.saved["loss"] != opt.loss or
+                                  run.saved["discriminator"] != opt.discriminator):
         raise UserError(f"{run.path} is a '{run.saved['loss']}' adapter of fast generator run "
-                        f"{run.saved['parent']}; this run asks for '{opt.loss}' on run {fast_ckpt['run_id']}")
-    run.restore(model=adapter, ema=ema_adapter, disc_heads=discriminator.heads, opt_adapter=opt_adapter,
+                        f"{run.saved['parent']} with a '{run.saved['discriminator']}' discriminator; this run asks "
+                        f"for '{opt.loss}' on run {fast_ckpt['run_id']} with '{opt.discriminator}'")
+    run.restore(model=adapter, ema=ema_adapter, disc_classifier=discriminator.classifier, opt_adapter=opt_adapter,
                 opt_disc=opt_disc)
     if run.master:
-        print(f"hybrid finetune, loss '{opt.loss}' (lambda_adv {opt.lambda_adv}): {adapter.config()} adapter "
-              f"reading {adapter.condition} maps on the fast generator {opt.fast_generator_ckpt}, discriminator "
-              f"heads on blocks {disc_blocks}, device {device}, {run.world_size} rank(s), "
+        print(f"stage 3, loss '{opt.loss}': {adapter.config()} adapter reading {adapter.condition} maps on the "
+              f"fast generator {opt.fast_generator_ckpt}, '{opt.discriminator}' discriminator on blocks "
+              f"{disc_blocks}, device {device}, {run.world_size} rank(s), "
               f"step {run.step}/{opt.max_steps}")
     controlled = Controlled(fast_generator, adapter)
     train_model = run.wrap(controlled)
     ema_model = Controlled(fast_generator, ema_adapter)
-    train_disc = run.wrap(discriminator)  # only its heads train (the backbone is frozen)
+    train_disc = run.wrap(discriminator)  # only its classifier trains (the backbone is frozen)
     times = fast_times(device=device)
 
     shape = video_shape(opt.config)
@@ -267,26 +387,30 @@ def main(argv):
         choices = sorted(diffusion_steps) if opt.loss == "diffusion" else range(len(times))
         key = torch.Generator().manual_seed(opt.seed * 7919 + step)
         k = choices[int(torch.randint(len(choices), (1,), generator=key))]
-        record = {"k": k}
-        loss = torch.zeros((), device=device)
+        weight = diffusion_weight(opt.loss, step, opt.max_steps, opt.lambda_rate)
+        record = {"k": k, "lambda": round(weight, 4)}
+        # Each loss has its own forward and backward (as DDP wants); their gradients are kept apart and mixed.
+        gradients = {}
         if use_diffusion and k in diffusion_steps:
             diffusion = diffusion_loss(train_model, video, times, k, cond, noise_gen)
-            loss = loss + diffusion
+            diffusion.backward()
+            gradients["diffusion"] = take_gradients(adapter)
             record["diffusion"] = round(diffusion.item(), 5)
         if use_adversarial:
             adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k, cond, opt.disc_max_t,
                                                  noise_gen)
-            loss = loss + (opt.lambda_adv if opt.loss == "hybrid" else 1.0) * adversarial
+            adversarial.backward()
+            discriminator.classifier.zero_grad(set_to_none=True)  # the adapter's loss must not train the classifier
+            gradients["adversarial"] = take_gradients(adapter)
             record["adversarial"] = round(adversarial.item(), 5)
-        loss.backward()
-        discriminator.heads.zero_grad(set_to_none=True)  # the adapter's loss must not train the heads
+        record["adversarial_scale"] = round(mix_gradients(adapter, gradients, weight, opt.balance), 5)
         record["adapter_grad_norm"] = round(torch.nn.utils.clip_grad_norm_(adapter.parameters(),
                                                                            opt.grad_clip).item(), 5)
         opt_adapter.step()
         opt_adapter.zero_grad(set_to_none=True)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
 
-        if use_adversarial:  # the heads learn from the same generated clips
+        if use_adversarial:  # the classifier learns from the same generated clips
             set_lr(opt_disc, lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps))
             for _ in range(opt.disc_steps):
                 disc_loss, accuracy = discriminator_update(train_disc, opt_disc, video, fake, cond, opt.disc_max_t,
@@ -295,10 +419,10 @@ def main(argv):
 
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt,
-                     adapter_parent=adapter_ckpt["run_id"], loss=opt.loss,
+                     adapter_parent=adapter_ckpt["run_id"], loss=opt.loss, discriminator=opt.discriminator,
                      generator_config=config_dict(fast_generator), adapter_config=adapter.config(),
                      condition=adapter.condition, model=adapter.state_dict(), ema=ema_adapter.state_dict(),
-                     disc_heads=discriminator.heads.state_dict(), opt_adapter=opt_adapter.state_dict(),
+                     disc_classifier=discriminator.classifier.state_dict(), opt_adapter=opt_adapter.state_dict(),
                      opt_disc=opt_disc.state_dict())
         if run.master and run.due(opt.sample_interval):
             record["held_out"] = evaluate()

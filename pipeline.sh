@@ -16,8 +16,8 @@ extra=("$@")
 mkdir -p checkpoints
 
 case $config in
-  tiny)  steps_fvd=1500 steps_ae=6000 steps0=2400 batch0=128 steps1=2500 steps2=900 steps3=300 ;;
-  small) steps_fvd=4000 steps_ae=12000 steps0=40000 batch0=64 steps1=10000 steps2=3000 steps3=2000 ;;
+  tiny)  steps_fvd=1500 steps_ae=6000 steps0=2400 batch0=128 steps1=4000 batch1=32 steps2=2500 steps2j=1200 steps3=500 ;;
+  small) steps_fvd=4000 steps_ae=12000 steps0=40000 batch0=64 steps1=10000 batch1=32 steps2=4000 steps2j=4000 steps3=1000 ;;
   *) echo "error: config must be tiny or small, got '$config'" >&2; exit 1 ;;
 esac
 
@@ -36,13 +36,16 @@ stage video_encoder runs/video_encoder_$config $steps_fvd fvd.py --export=none  
 stage autoencoder runs/autoencoder_$config $steps_ae autoencoder.py --export=none  # stage 0a: the latent
 stage slow_generator runs/slow_generator_$config $steps0 train.py --batch_size=$batch0 --lr=8e-4
 for kind in controlnet lora; do
-  stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 train_adapter.py --adapter=$kind
+  # masks for 46% of the steps, then boxes: the paper's 4.6K + 5.4K steps
+  stage slow_adapter_$kind runs/slow_adapter_${kind}_$config $steps1 train_adapter.py --adapter=$kind \
+    --batch_size=$batch1 --mask_first=0.46
 done
-stage fast_generator runs/fast_generator_$config $steps2 distill.py --ratio=3 --lr_generator=5e-5
-stage dmd_joint runs/dmd_joint_$config $steps2 distill.py --controlled=true --ratio=3 --lr_generator=5e-5
-for loss in hybrid diffusion adversarial; do
-  stage fast_adapter_${loss}_controlnet runs/fast_adapter_${loss}_$config $steps3 hybrid_finetune.py --loss=$loss
+stage fast_generator runs/fast_generator_$config $steps2 distill.py --ratio=5 --lr_generator=5e-5
+stage dmd_joint runs/dmd_joint_$config $steps2j distill.py --controlled=true --ratio=5 --lr_generator=5e-5
+for kind in controlnet lora; do
+  for loss in hybrid fixed_lambda diffusion adversarial; do
+    stage fast_adapter_${loss}_$kind runs/fast_adapter_${loss}_${kind}_$config $steps3 hybrid_finetune.py \
+      --loss=$loss --adapter_ckpt=checkpoints/slow_adapter_${kind}_$config.pt
+  done
 done
-stage fast_adapter_hybrid_lora runs/fast_adapter_hybrid_lora_$config $steps3 hybrid_finetune.py \
-  --adapter_ckpt=checkpoints/slow_adapter_lora_$config.pt
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"

@@ -21,7 +21,8 @@ Methods, each a (generator, adapter, sampler) triple:
   dmd-joint         generator + adapter distilled together with DMD, 4 steps
   diffusion-only    fast generator + adapter finetuned with the diffusion loss, 4 steps
   adversarial-only  fast generator + adapter finetuned with the adversarial loss, 4 steps
-  flashmotion       fast generator + hybrid-finetuned adapter, 4 steps
+  fixed-lambda      fast generator + adapter finetuned with both losses, lambda = 1 throughout
+  flashmotion       fast generator + adapter finetuned with both losses, lambda scheduled 10 -> 0.24
 """
 
 import os
@@ -49,6 +50,7 @@ METHODS = {
     "dmd-joint": ("dmd_joint", None, "few-step", 4),
     "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}", "few-step", 4),
     "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}", "few-step", 4),
+    "fixed-lambda": ("fast_generator", "fast_adapter_fixed_lambda_{adapter}", "few-step", 4),
     "flashmotion": ("fast_generator", "fast_adapter_hybrid_{adapter}", "few-step", 4),
 }
 TEACHER_STEPS = 50

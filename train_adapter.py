@@ -8,6 +8,7 @@ classifier-free guidance on the trajectory works at sampling.
 
     python train_adapter.py                        # ControlNet on checkpoints/slow_generator_tiny.pt
     python train_adapter.py --adapter=lora --condition=mask
+    python train_adapter.py --mask_first=0.46      # mask maps for 46% of the steps, then box maps
     torchrun --nproc_per_node=4 train_adapter.py --config=small --generator_ckpt=runs/slow_generator_small/ckpt.pt
     python train_adapter.py --resume=true
 
@@ -32,6 +33,7 @@ FLAGS = dict(
     generator_ckpt=("", "the slow generator; default checkpoints/slow_generator_<config>.pt"),
     adapter=("controlnet", "controlnet | lora"),
     condition=("box", "box | mask: which trajectory maps steer the objects"),
+    mask_first=(0.0, "with box maps: read mask maps for this fraction of the steps first (the paper: masks, then boxes)"),
     controlnet_blocks=(0, "blocks copied into the ControlNet; 0: half the generator's depth"),
     lora_rank=(16, "rank of the LoRA updates"),
     out_dir=("", "default runs/slow_adapter_<adapter>_<config>"),
@@ -80,6 +82,8 @@ def main(argv):
     require_one_of(opt, "condition", CONDITIONS)
     require_one_of(opt, "adapter", ADAPTERS)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "eval_scenes"))
+    if not 0 <= opt.mask_first < 1 or (opt.mask_first and opt.condition != "box"):
+        raise UserError(f"--mask_first must be in [0, 1), and 0 unless --condition=box; got {opt.mask_first}")
     opt.generator_ckpt = opt.generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
     opt.out_dir = opt.out_dir or f"runs/slow_adapter_{opt.adapter}_{opt.config}"
     run = Run(opt, kind="slow_adapter")
@@ -134,7 +138,10 @@ def main(argv):
         lr = set_lr(optimizer, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         batch = next(batches)
         video = generator.encode(batch["video"].to(device, non_blocking=True))  # (B, *generator.space)
-        trajectory = batch[CONDITIONS[opt.condition]].to(device, non_blocking=True)  # (B, T, 3, H, W) pixels
+        # Masks first, then boxes: the mask maps show each object's exact shape and place; the box maps,
+        # read afterwards, are what a user draws. The adapter keeps the box condition.
+        maps = "mask" if step < opt.mask_first * opt.max_steps else opt.condition
+        trajectory = batch[CONDITIONS[maps]].to(device, non_blocking=True)  # (B, T, 3, H, W) pixels
         noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
         traj_keep = (torch.rand(len(video), generator=noise_gen, device=device) >= opt.traj_drop_prob).float()
         with autocast(device):
@@ -146,7 +153,7 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
 
-        record = {"loss": round(loss.item(), 5), "grad_norm": round(grad_norm, 4), "lr": lr}
+        record = {"loss": round(loss.item(), 5), "grad_norm": round(grad_norm, 4), "lr": lr, "maps": maps}
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=parent["run_id"], parent_path=opt.generator_ckpt,
                      generator_config=config_dict(generator), adapter_config=adapter.config(),

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -146,10 +147,23 @@ def test_training_script_runs_resumes_and_measures(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_masks_then_boxes(tmp_path):
+    """--mask_first: the first share of the steps reads mask maps, the rest box maps; the adapter is a box one."""
+    generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
+    result = run_adapter(f"--generator_ckpt={tmp_path / 'gen.pt'}", "--max_steps=4", "--mask_first=0.5",
+                         "--sample_interval=0", f"--out_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["maps"] for r in log] == ["mask", "mask", "box", "box"]
+    assert common.load_checkpoint(tmp_path / "run" / "ckpt.pt")["condition"] == "box"
+
+
 @pytest.mark.parametrize("flag, message", [("--adapter=dora", "--adapter must be one of"),
                                            ("--condition=points", "--condition must be one of"),
+                                           ("--mask_first=1.5", "--mask_first must be in [0, 1)"),
+                                           ("--condition=mask --mask_first=0.3", "--mask_first must be"),
                                            ("--generator_ckpt=nowhere.pt", "checkpoint not found")])
 def test_bad_flags_fail_with_one_line(flag, message, tmp_path):
-    result = run_adapter(flag, f"--out_dir={tmp_path}")
+    result = run_adapter(*flag.split(), f"--out_dir={tmp_path}")
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)

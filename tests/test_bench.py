@@ -52,6 +52,19 @@ def test_bench_runs_every_available_method_and_writes_json(tmp_path):
             assert lo <= hi and (key in ("fid", "fvd") or lo <= saved[name][key] <= hi), (name, key)
     assert saved["teacher"]["nfe"] == 6 and saved["naive"]["nfe"] == 4  # CFG: two calls per step
     assert (tmp_path / "b.gif").exists()
+    # Paired differences: the default claims among the measured methods (here only naive - teacher).
+    pairs = json.loads((tmp_path / "r.json").read_text())["pairs"]
+    assert list(pairs) == ["naive − teacher"] and "Paired differences" in result.stdout
+    difference = pairs["naive − teacher"]
+    assert abs(difference["miou"] - (saved["naive"]["miou"] - saved["teacher"]["miou"])) < 1e-9
+    assert abs(difference["fid"] - (saved["naive"]["fid"] - saved["teacher"]["fid"])) < 1e-9
+    assert all(difference[f"{k}_ci"][0] <= difference[f"{k}_ci"][1] for k in ("miou", "box_iou", "fid", "fvd"))
+
+
+def test_asked_pairs_must_be_measured_methods(tmp_path):
+    micro_checkpoints(tmp_path)
+    result = bench(f"--checkpoints={tmp_path}", "--methods=naive,teacher", "--pairs=naive:flashmotion")
+    assert result.returncode == 1 and "--pairs" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_instruments_measure_every_degradation_beside_two_real_sets(tmp_path):

@@ -39,6 +39,24 @@ def test_bootstrap_interval_draws_are_the_distances_of_the_drawn_sets():
     assert torch.allclose(torch.tensor(reference.interval(features, resamples=7), dtype=torch.float64), expected)
 
 
+def test_paired_interval_draws_the_same_scenes_for_both_methods():
+    # Two methods on the same 40 scenes: what the scenes share (most of the spread) is in both.
+    generator = torch.Generator().manual_seed(2)
+    shared = 2 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
+    a = shared + 0.1 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
+    b = shared + 0.3 + 0.1 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
+    reference = fvd.Reference(torch.zeros(5, dtype=torch.float64), 3 * torch.eye(5, dtype=torch.float64))
+    distance = lambda f: reference.distance(f.flatten(0, 1))
+    draws = torch.randint(40, (50, 40), generator=torch.Generator().manual_seed(0))  # what seed=0 draws
+    values = torch.tensor([distance(a[d]) - distance(b[d]) for d in draws], dtype=torch.float64)
+    values -= values.mean() - (distance(a) - distance(b))
+    expected = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    paired = reference.paired_interval(a, b, resamples=50)
+    assert torch.allclose(torch.tensor(paired, dtype=torch.float64), expected)
+    low, high = reference.interval(a, resamples=50)
+    assert paired[1] - paired[0] < 0.8 * (high - low)  # the shared spread cancels (in part: FD is not linear)
+
+
 def test_bootstrap_interval_of_a_distance_holds_fresh_sets_and_errs_wide():
     # Features of 60 scenes, 2 samples each, from a Gaussian at a known offset from the reference. The
     # interval of one set should hold the typical distance of fresh sets of that size, and be at least

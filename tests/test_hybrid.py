@@ -6,7 +6,10 @@ import torch
 
 import common
 from adapter import Controlled, build_adapter
-from hybrid_finetune import DiffusionDiscriminator, LOSSES, discriminator_loss, generator_adversarial_loss
+import pytest
+
+from hybrid_finetune import (DISCRIMINATORS, DiffusionDiscriminator, LOSSES, diffusion_weight, discriminator_loss,
+                             generator_adversarial_loss, mix_gradients)
 from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
@@ -21,19 +24,20 @@ def trained_looking_adapter(generator, seed=0):
     return adapter
 
 
-def discriminator(seed=0):
+def discriminator(seed=0, form="query"):
     slow = micro_generator(seed)
-    return DiffusionDiscriminator(Controlled(slow, trained_looking_adapter(slow).requires_grad_(False)), [0, 1])
+    return DiffusionDiscriminator(slow, trained_looking_adapter(slow).requires_grad_(False), [0, 1], form)
 
 
-def test_discriminator_separates_real_from_clearly_fake_clips():
-    disc = discriminator()
+@pytest.mark.parametrize("form", DISCRIMINATORS)
+def test_discriminator_separates_real_from_clearly_fake_clips(form):
+    disc = discriminator(form=form)
     batch = micro_batch(batch_size=4)
     real = batch["video"]
     fake = torch.rand_like(real) * 2 - 1  # noise clips with the right first frame
     fake[:, 0] = real[:, 0]
     cond = dict(first_frame=real[:, 0], trajectory=batch["box_maps"])
-    optimizer = torch.optim.Adam(disc.heads.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(disc.classifier.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     t = torch.full((4,), 0.3)
     for _ in range(60):
@@ -46,6 +50,30 @@ def test_discriminator_separates_real_from_clearly_fake_clips():
     with torch.no_grad():
         assert torch.all(disc(real, t, noise, cond) > 0) and torch.all(disc(fake, t, noise, cond) < 0)
     assert all(p.grad is None for p in disc.backbone.parameters())
+
+
+def test_query_discriminator_reads_the_trajectory():
+    """The paper's classifier sees the trajectory tokens: the same clip scores
+    differently under other boxes, and only the classifier gets a gradient."""
+    disc = discriminator(form="query")
+    batch = micro_batch()
+    clip, t, noise = batch["video"], torch.full((2,), 0.3), torch.randn(batch["video"].shape)
+    logits = disc(clip, t, noise, dict(first_frame=clip[:, 0], trajectory=batch["box_maps"]))
+    moved = disc(clip, t, noise, dict(first_frame=clip[:, 0], trajectory=batch["box_maps"].roll(3, dims=-1)))
+    assert logits.shape == (2,) and not torch.allclose(logits, moved)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in disc.classifier.parameters())
+    assert all(p.grad is None for p in disc.backbone.parameters())
+
+
+def test_lambda_schedule_hands_over_from_diffusion_to_adversarial():
+    """The paper's 1 / (4e-3 step + 0.1) over 1K steps, stretched to the run."""
+    for max_steps in (300, 1000):
+        assert diffusion_weight("hybrid", 0, max_steps) == pytest.approx(10.0)
+        assert diffusion_weight("hybrid", 0.225 * max_steps, max_steps) == pytest.approx(1.0)
+        assert diffusion_weight("hybrid", max_steps, max_steps) == pytest.approx(1 / 4.1)
+    assert diffusion_weight("hybrid", 100, 1000) == pytest.approx(1 / (4e-3 * 100 + 0.1))
+    assert all(diffusion_weight(loss, 50, 300) == 1.0 for loss in ("fixed_lambda", "diffusion", "adversarial"))
 
 
 def test_adversarial_gradient_reaches_the_adapter_and_only_it():
@@ -67,7 +95,7 @@ def test_adversarial_gradient_reaches_the_adapter_and_only_it():
     assert all(p.grad is None for p in disc.backbone.parameters())
 
 
-def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
+def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
     slow = micro_generator()
     generator_checkpoint(tmp_path / "slow.pt", slow, "slow-run")
     common.save_checkpoint(tmp_path / "fast.pt", {
@@ -89,6 +117,12 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
         moved = any(not torch.equal(ckpt["model"][k], adapter.state_dict()[k]) for k in ckpt["model"])
         assert moved, loss
         assert "held-out mIoU" in result.stdout + result.stderr
+    log = [json.loads(line) for line in open(tmp_path / "hybrid" / "log.jsonl")]
+    assert [r["lambda"] for r in log] == [10.0, round(1 / 2.1, 4)]  # the schedule over a 2-step run
+    result = run(*paths, "--discriminator=tokens", "--max_steps=1", "--sample_interval=0",
+                 f"--out_dir={tmp_path / 'tokens'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert common.load_checkpoint(tmp_path / "tokens" / "ckpt.pt")["discriminator"] == "tokens"
     result = run(*paths, "--loss=diffusion", "--diffusion_steps=3", "--max_steps=3", "--sample_interval=0",
                  f"--out_dir={tmp_path / 'late'}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -101,3 +135,20 @@ def test_finetune_script_runs_all_three_losses_and_refuses_mismatches(tmp_path):
     for flag in ("--disc_max_t=0", "--diffusion_steps=1,5", "--diffusion_steps=late"):
         bad = run(*paths, flag, f"--out_dir={tmp_path / 'bad'}")
         assert bad.returncode == 1 and flag.split("=")[0] in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_balance_scales_the_adversarial_gradient_to_the_diffusion_one():
+    """mix_gradients: lambda * diffusion + s * adversarial, s making the two the same size (balance) or 1."""
+    adapter = torch.nn.Linear(3, 2)
+    generator = torch.Generator().manual_seed(0)
+    diffusion = [torch.randn(p.shape, generator=generator) for p in adapter.parameters()]
+    adversarial = [50 * torch.randn(p.shape, generator=generator) for p in adapter.parameters()]
+    norm = lambda grads: torch.sqrt(sum((g ** 2).sum() for g in grads))
+    scale = mix_gradients(adapter, {"diffusion": diffusion, "adversarial": adversarial}, 10.0, balance=True)
+    assert abs(scale * norm(adversarial) - norm(diffusion)) < 1e-4
+    for p, d, a in zip(adapter.parameters(), diffusion, adversarial):
+        assert torch.allclose(p.grad, 10 * d + scale * a)
+    assert mix_gradients(adapter, {"diffusion": diffusion, "adversarial": adversarial}, 1.0, balance=False) == 1.0
+    assert all(torch.allclose(p.grad, d + a) for p, d, a in zip(adapter.parameters(), diffusion, adversarial))
+    mix_gradients(adapter, {"adversarial": adversarial}, 1.0, balance=True)  # one loss alone: as it is
+    assert all(torch.equal(p.grad, a) for p, a in zip(adapter.parameters(), adversarial))
