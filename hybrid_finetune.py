@@ -265,9 +265,9 @@ def mix_gradients(adapter, gradients, weight, balance):
     """Set the adapter's gradient to  lambda * diffusion + s * adversarial.
 
     The paper's lambda says which loss leads, on its losses' scales. Ours
-    differ: the adversarial gradient is 10 to 100 times the diffusion one
+    differ: the adversarial gradient is 3 to 100 times the diffusion one
     (docs/results.md, stage 3), so as written the adversarial loss would lead
-    from the first step. With balance, s scales the adversarial gradient to
+    after the first few percent of the run. With balance, s scales the adversarial gradient to
     the diffusion gradient's norm (VQGAN's adaptive weight, over all the
     adapter's parameters), and lambda = 10 -> 0.24 hands over as intended.
     Without (or with one loss alone), s = 1. Returns s."""
