@@ -104,6 +104,11 @@ FLAGS = dict(
 
 # ------------------------------------------- the diffusion discriminator ---
 
+def logit_head(dim):
+    """An MLP from a feature vector (..., dim) to a real/fake logit (..., 1)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+
 class QueryClassifier(nn.Module):
     """The paper's classifier. Per block, a learnable query token attends
     (1) to itself and the first-frame tokens (the backbone's first temporal
@@ -122,8 +127,7 @@ class QueryClassifier(nn.Module):
         self.norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(dim) for _ in range(3)) for _ in range(n_blocks))
         self.attentions = nn.ModuleList(nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True)
                                                       for _ in range(3)) for _ in range(n_blocks))
-        self.logits = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-                                    for _ in range(n_blocks))
+        self.logits = nn.ModuleList(logit_head(dim) for _ in range(n_blocks))
 
     def forward(self, features, maps):
         """features: per block (B, N, dim); maps (B, N, map_dim): the trajectory maps as tokens. Logits (B,)."""
@@ -149,8 +153,7 @@ class TokenClassifier(nn.Module):
 
     def __init__(self, dim, n_blocks):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-                                   for _ in range(n_blocks))
+        self.heads = nn.ModuleList(logit_head(dim) for _ in range(n_blocks))
 
     def forward(self, features, maps=None):
         return sum(head(f).mean(dim=(1, 2)) for head, f in zip(self.heads, features))
@@ -266,10 +269,11 @@ def mix_gradients(adapter, gradients, weight, balance):
 
     The paper's lambda says which loss leads, on its losses' scales. Ours
     differ: the adversarial gradient is 3 to 100 times the diffusion one
-    (docs/results.md, stage 3), so as written the adversarial loss would lead
-    after the first few percent of the run. With balance, s scales the adversarial gradient to
-    the diffusion gradient's norm (VQGAN's adaptive weight, over all the
-    adapter's parameters), and lambda = 10 -> 0.24 hands over as intended.
+    (docs/results.md, stage 3), so as written the adversarial loss would
+    lead after the first few percent of the run. With balance, s scales the
+    adversarial gradient to the diffusion gradient's norm (VQGAN's adaptive
+    weight, over all the adapter's parameters), and lambda = 10 -> 0.24
+    hands over as intended.
     Without (or with one loss alone), s = 1. Returns s."""
     diffusion, adversarial = gradients.get("diffusion"), gradients.get("adversarial")
     scale = 1.0
