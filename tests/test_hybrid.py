@@ -95,18 +95,26 @@ def test_adversarial_gradient_reaches_the_adapter_and_only_it():
     assert all(p.grad is None for p in disc.backbone.parameters())
 
 
-def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
+def stage3_inputs(folder):
+    """Micro slow generator, fast generator and slow adapter checkpoints in `folder`:
+    (the script's path flags, the slow adapter)."""
     slow = micro_generator()
-    generator_checkpoint(tmp_path / "slow.pt", slow, "slow-run")
-    common.save_checkpoint(tmp_path / "fast.pt", {
+    generator_checkpoint(folder / "slow.pt", slow, "slow-run")
+    common.save_checkpoint(folder / "fast.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
     adapter = trained_looking_adapter(slow)
-    adapter_checkpoint(tmp_path / "adapter.pt", adapter, slow, "slow-run")
-    paths = [f"--slow_generator_ckpt={tmp_path / 'slow.pt'}", f"--fast_generator_ckpt={tmp_path / 'fast.pt'}",
-             f"--adapter_ckpt={tmp_path / 'adapter.pt'}"]
-    run = lambda *args: subprocess.run([sys.executable, "hybrid_finetune.py", "--config=micro", "--batch_size=2",
-                                        "--num_workers=0", "--eval_scenes=2", "--disc_blocks=0,1", *args],
+    adapter_checkpoint(folder / "adapter.pt", adapter, slow, "slow-run")
+    return [f"--slow_generator_ckpt={folder / 'slow.pt'}", f"--fast_generator_ckpt={folder / 'fast.pt'}",
+            f"--adapter_ckpt={folder / 'adapter.pt'}"], adapter
+
+
+MICRO_STAGE3 = ["--config=micro", "--batch_size=2", "--num_workers=0", "--eval_scenes=2", "--disc_blocks=0,1"]
+
+
+def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
+    paths, adapter = stage3_inputs(tmp_path)
+    run = lambda *args: subprocess.run([sys.executable, "hybrid_finetune.py", *MICRO_STAGE3, *args],
                                        capture_output=True, text=True)
     for loss in LOSSES:
         out = tmp_path / loss
@@ -135,6 +143,21 @@ def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
     for flag in ("--disc_max_t=0", "--diffusion_steps=1,5", "--diffusion_steps=late"):
         bad = run(*paths, flag, f"--out_dir={tmp_path / 'bad'}")
         assert bad.returncode == 1 and flag.split("=")[0] in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_two_process_ddp_hybrid_keeps_ranks_in_sync(tmp_path):
+    # Two losses, two forward/backward passes per step through the DDP-wrapped adapter:
+    # the checkpoint's rank check (common.Run.save) fails if the ranks' adapters drift apart.
+    paths, adapter = stage3_inputs(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "hybrid_finetune.py", *MICRO_STAGE3, *paths, "--max_steps=2", "--sample_interval=0",
+                             f"--out_dir={tmp_path / 'ddp'}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s)" in result.stdout
+    log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
+    assert len(log) == 2 and all("diffusion" in r or "adversarial" in r for r in log)
+    ckpt = common.load_checkpoint(tmp_path / "ddp" / "ckpt.pt", kind="fast_adapter")
+    assert ckpt["step"] == 2 and any(not torch.equal(ckpt["model"][k], adapter.state_dict()[k]) for k in ckpt["model"])
 
 
 def test_balance_scales_the_adversarial_gradient_to_the_diffusion_one():
