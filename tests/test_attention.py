@@ -3,6 +3,10 @@ three gradients, over N = 1, N not a multiple of the tile, every head dim,
 every dtype, and strided inputs. On CPU the kernels run in Triton's
 interpreter (TRITON_INTERPRET=1): see conftest.py."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +119,13 @@ def test_model_through_the_kernel_matches_pytorch(monkeypatch):
     out.square().mean().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(net.blocks[0].attn.qkv.weight.grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU-only machine's behaviour")
+def test_cpu_sampling_does_not_import_triton():
+    # Triton could not run there (no GPU, no interpreter): importing it would only slow `python sample.py`.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", "import sys, sample; print('triton' in sys.modules)"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
