@@ -47,6 +47,12 @@ def trajectory_channels(trajectory, traj_keep):
     return torch.cat([trajectory * keep, keep.expand(B, T, 1, H, W)], dim=2)
 
 
+def trajectory_token_dim(cfg):
+    """Width of one token of trajectory_channels' output, patchified like the
+    generator's pixels (generator.patchify_pixels): 4 channels per patch pixel."""
+    return 4 * cfg.patch_t * cfg.patch_hw ** 2
+
+
 class ControlNetAdapter(nn.Module):
     def __init__(self, generator, condition, blocks=0):
         super().__init__()
@@ -55,8 +61,7 @@ class ControlNetAdapter(nn.Module):
         self.n_blocks = blocks or cfg.depth // 2
         if not 1 <= self.n_blocks <= cfg.depth:
             raise UserError(f"--controlnet_blocks must be between 1 and the generator's depth {cfg.depth}")
-        patch = cfg.patch_t * cfg.patch_hw ** 2
-        self.trajectory_embed = zero_linear(4 * patch, cfg.dim)
+        self.trajectory_embed = zero_linear(trajectory_token_dim(cfg), cfg.dim)
         # Initialised from the generator: the copy starts out knowing the video.
         self.blocks = copy.deepcopy(generator.blocks[:self.n_blocks]).requires_grad_(True)
         self.outputs = nn.ModuleList(zero_linear(cfg.dim, cfg.dim) for _ in range(self.n_blocks))
@@ -85,8 +90,7 @@ class LoRAAdapter(nn.Module):
         self.rank = rank
         if rank < 1:
             raise UserError("--lora_rank must be at least 1")
-        patch = cfg.patch_t * cfg.patch_hw ** 2
-        self.encoder = nn.Sequential(nn.Linear(4 * patch, cfg.dim), nn.GELU(approximate="tanh"),
+        self.encoder = nn.Sequential(nn.Linear(trajectory_token_dim(cfg), cfg.dim), nn.GELU(approximate="tanh"),
                                      zero_linear(cfg.dim, cfg.dim))
         self.names = [f"blocks.{i}.attn.{target}.weight" for i in range(cfg.depth) for target in self.TARGETS]
         weights = dict(generator.named_parameters())

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from adapter import Controlled, adapter_from_checkpoint, trajectory_channels
+from adapter import Controlled, adapter_from_checkpoint, trajectory_channels, trajectory_token_dim
 from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
                     parse_flags, require_at_least, require_one_of, set_lr)
 from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, fast_times, few_step_sample,
@@ -170,8 +170,8 @@ class DiffusionDiscriminator(nn.Module):
         self.backbone = backbone.requires_grad_(False).eval()
         cfg = slow_generator.cfg
         if form == "query":
-            map_dim = 4 * cfg.patch_t * cfg.patch_hw ** 2  # the maps and their presence flag, per token
-            self.classifier = QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, map_dim, len(self.blocks))
+            self.classifier = QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, trajectory_token_dim(cfg),
+                                              len(self.blocks))
         else:
             self.classifier = TokenClassifier(cfg.dim, len(self.blocks))
 
