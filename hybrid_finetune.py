@@ -34,6 +34,10 @@ The discriminator, --discriminator=
           block a learnable query token attends (1) to itself and the
           first-frame tokens, (2) to the trajectory tokens, (3) to the video
           tokens, then an MLP makes its logit; the logits are summed;
+  joint   the same, but each video token first meets the trajectory token of
+          its place (a per-token MLP on both), so that the classifier can
+          check objects against their maps, which the query form cannot
+          (docs/results.md, stage 3);
   tokens  the earlier form: the backbone is the slow generator with the slow
           adapter (the trajectory enters through it), and per-token MLP heads
           are averaged over the tokens.
@@ -67,7 +71,7 @@ from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, f
                    few_step_step, model_from_checkpoint, video_shape)
 
 LOSSES = ("hybrid", "fixed_lambda", "diffusion", "adversarial")
-DISCRIMINATORS = ("query", "tokens")
+DISCRIMINATORS = ("query", "joint", "tokens")
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the checkpoints"),
@@ -76,7 +80,8 @@ FLAGS = dict(
     adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_<config>.pt"),
     loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial"),
     lambda_rate=(4.0, "hybrid: lambda = 1 / (lambda_rate * step / max_steps + 0.1), the paper's over 1K steps"),
-    discriminator=("query", "query (the paper's query-token classifier) | tokens (per-token heads)"),
+    discriminator=("query", "query (the paper's query-token classifier) | joint (query, video tokens joined with "
+                            "their trajectory tokens) | tokens (per-token heads)"),
     balance=(True, "scale the adversarial gradient to the diffusion gradient's norm before lambda mixes them"),
     diffusion_steps=("0,1,2,3", "steps k of the 4-step list where the diffusion loss applies"),
     disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
@@ -89,6 +94,7 @@ FLAGS = dict(
     lr_disc=(2e-3, "learning rate of the discriminator's classifier"),
     disc_max_t=(0.6, "the discriminator sees clips re-noised at t ~ U(0.02, disc_max_t)"),
     disc_steps=(1, "discriminator updates per adapter update"),
+    mismatch=(False, "the classifier also learns that a real clip with drifted maps is fake (matching-aware)"),
     warmup=(20, "linear warmup steps"),
     grad_clip=(1.0, "gradient norm clip of the adapter"),
     ema_decay=(0.99, "EMA of the adapter, what is exported"),
@@ -114,10 +120,12 @@ class QueryClassifier(nn.Module):
     (1) to itself and the first-frame tokens (the backbone's first temporal
     slot, where the given frame sits), (2) to the trajectory tokens, (3) to the
     block's video tokens; an MLP turns it into a logit. Trajectory and video
-    tokens share a learnt position embedding, so the query can match where an
-    object should be with where it is."""
+    tokens share a learnt position embedding. With join (the `joint` form)
+    each video token is first mixed with the trajectory token of its place:
+    the query alone pools each side into one vector, and cannot compare them
+    place by place (docs/results.md, stage 3)."""
 
-    def __init__(self, dim, heads, grid, map_dim, n_blocks):
+    def __init__(self, dim, heads, grid, map_dim, n_blocks, join=False):
         super().__init__()
         self.first_slot = grid[1] * grid[2]  # tokens of the first temporal slot
         self.position = nn.Parameter(torch.randn(1, grid[0] * self.first_slot, dim) * 0.02)
@@ -128,6 +136,9 @@ class QueryClassifier(nn.Module):
         self.attentions = nn.ModuleList(nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True)
                                                       for _ in range(3)) for _ in range(n_blocks))
         self.logits = nn.ModuleList(logit_head(dim) for _ in range(n_blocks))
+        # joint: per block, an MLP of each video token and its place's trajectory token
+        self.joins = nn.ModuleList(nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+                                   for _ in range(n_blocks)) if join else None
 
     def forward(self, features, maps):
         """features: per block (B, N, dim); maps (B, N, map_dim): the trajectory maps as tokens. Logits (B,)."""
@@ -135,6 +146,8 @@ class QueryClassifier(nn.Module):
         logit = 0
         for i, block_features in enumerate(features):
             video = self.feature_norm(block_features) + self.position
+            if self.joins is not None:
+                video = video + self.joins[i](torch.cat([video, trajectory], dim=-1))
             q = self.queries[i].expand(len(video), -1, -1)  # (B, 1, dim)
             (norm_1, norm_2, norm_3), (attend_1, attend_2, attend_3) = self.norms[i], self.attentions[i]
             h = norm_1(torch.cat([q, video[:, :self.first_slot]], dim=1))  # (1) with the first-frame tokens
@@ -166,12 +179,12 @@ class DiffusionDiscriminator(nn.Module):
     def __init__(self, slow_generator, slow_adapter, blocks, form="query"):
         super().__init__()
         self.form, self.blocks = form, list(blocks)
-        backbone = slow_generator if form == "query" else Controlled(slow_generator, slow_adapter)
+        backbone = Controlled(slow_generator, slow_adapter) if form == "tokens" else slow_generator
         self.backbone = backbone.requires_grad_(False).eval()
         cfg = slow_generator.cfg
-        if form == "query":
+        if form in ("query", "joint"):
             self.classifier = QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, trajectory_token_dim(cfg),
-                                              len(self.blocks))
+                                              len(self.blocks), join=form == "joint")
         else:
             self.classifier = TokenClassifier(cfg.dim, len(self.blocks))
 
@@ -241,20 +254,55 @@ def adversarial_loss(model, discriminator, video, times, k, cond, max_t, noise_g
     return loss, generated.detach().float()
 
 
-def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, noise_gen):
+def drifted(trajectory, generator):
+    """The maps (B, T, 3, H, W) with the objects drifting off their paths: frame f
+    shifted by f * v pixels (zeros shifted in), v a random velocity per clip,
+    0.5 to 1 pixel per frame in a random direction. Frame 0 stays and the drift
+    is smooth, so neither the first frame nor a jump between map frames gives it
+    away: to tell, the classifier must compare the maps with the video."""
+    B, T, _, H, W = trajectory.shape
+    angle = 2 * torch.pi * torch.rand(B, generator=generator, device=generator.device)
+    speed = 0.5 + 0.5 * torch.rand(B, generator=generator, device=generator.device)
+    frames = torch.arange(T, device=speed.device)
+    shift_x = (frames * (speed * angle.cos())[:, None]).round().int().tolist()  # (B, T) pixels
+    shift_y = (frames * (speed * angle.sin())[:, None]).round().int().tolist()
+    out = torch.zeros_like(trajectory)
+    for b in range(B):
+        for f in range(T):
+            dx, dy = shift_x[b][f], shift_y[b][f]
+            if abs(dx) < W and abs(dy) < H:
+                out[b, f, :, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+                    trajectory[b, f, :, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, noise_gen, mismatch=False):
     """One step of the classifier: real clips against generated ones, re-noised alike,
-    in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
+    in one forward (DDP wants one per backward). With mismatch, real clips with
+    drifted maps count as fake too (the matching-aware loss of text-to-image
+    GANs, GAN-CLS): a classifier that only ever sees maps that fit ignores
+    them, and then its loss rewards sharpness but not following the maps.
+    Returns (loss, accuracy on real and generated, accuracy on drifted or None)."""
     t = disc_time(len(real), max_t, noise_gen, real.device)
     noise = torch.randn(real.shape, generator=noise_gen, device=real.device)
-    both = {key: torch.cat([value, value]) for key, value in cond.items()}
+    groups = [(real, cond), (fake, cond)]
+    if mismatch:
+        groups.append((real, dict(cond, trajectory=drifted(cond["trajectory"], noise_gen))))
+    conds = {key: torch.cat([c[key] for _, c in groups]) for key in cond}
     with autocast(real.device):
-        logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([noise, noise]), both)
-    logits_real, logits_fake = logits.float().chunk(2)
-    loss = discriminator_loss(logits_real, logits_fake)
+        logits = discriminator(torch.cat([clip for clip, _ in groups]), t.repeat(len(groups)),
+                               noise.repeat(len(groups), *[1] * (noise.dim() - 1)), conds)
+    logits_real, logits_fake, *logits_drifted = logits.float().chunk(len(groups))
+    if mismatch:
+        loss = F.softplus(-logits_real).mean() + (F.softplus(logits_fake).mean() +
+                                                  F.softplus(logits_drifted[0]).mean()) / 2
+    else:
+        loss = discriminator_loss(logits_real, logits_fake)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item(), ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
+    accuracy = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
+    return loss.item(), accuracy, (logits_drifted[0] < 0).float().mean().item() if mismatch else None
 
 
 def take_gradients(module):
@@ -380,6 +428,20 @@ def main(argv):
                         data.comparison_video(scenes, [naive[0], videos], range(min(4, opt.eval_scenes))))
         return {"naive": naive[1], "finetuned": accuracy}
 
+    def map_gap():
+        """How much the classifier reads the maps: its mean logit on held-out real
+        clips under their own maps minus under another scene's. Near 0 it
+        ignores them, and its loss can reward sharpness but not following them."""
+        clips = fast_generator.encode(scenes["video"].to(device))
+        cond = dict(first_frame=clips[:, 0], trajectory=controlled.trajectory(scenes).to(device))
+        generator = torch.Generator(device=device).manual_seed(0)
+        t = disc_time(len(clips), opt.disc_max_t, generator, device)
+        noise = torch.randn(clips.shape, generator=generator, device=device)
+        with torch.no_grad(), autocast(device):
+            own = discriminator(clips, t, noise, cond)
+            other = discriminator(clips, t, noise, dict(cond, trajectory=cond["trajectory"].roll(1, dims=0)))
+        return (own - other).float().mean().item()
+
     for step in run.steps(f"stage 3 {opt.loss}"):
         batch = next(batches)
         video = fast_generator.encode(batch["video"].to(device))  # (B, *fast_generator.space)
@@ -417,9 +479,11 @@ def main(argv):
         if use_adversarial:  # the classifier learns from the same generated clips
             set_lr(opt_disc, lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps))
             for _ in range(opt.disc_steps):
-                disc_loss, accuracy = discriminator_update(train_disc, opt_disc, video, fake, cond, opt.disc_max_t,
-                                                           noise_gen)
+                disc_loss, accuracy, drifted_accuracy = discriminator_update(
+                    train_disc, opt_disc, video, fake, cond, opt.disc_max_t, noise_gen, opt.mismatch)
             record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
+            if opt.mismatch:
+                record["d_drifted_accuracy"] = round(drifted_accuracy, 3)
 
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt,
@@ -430,8 +494,11 @@ def main(argv):
                      opt_disc=opt_disc.state_dict())
         if run.master and run.due(opt.sample_interval):
             record["held_out"] = evaluate()
-            run.write(f"step {run.step}: " + metrics.versus(record["held_out"]["finetuned"],
-                                                           record["held_out"]["naive"], "naive"))
+            line = metrics.versus(record["held_out"]["finetuned"], record["held_out"]["naive"], "naive")
+            if use_adversarial:
+                record["held_out"]["disc_map_gap"] = round(map_gap(), 4)
+                line += f", discriminator map gap {record['held_out']['disc_map_gap']:+.3f}"
+            run.write(f"step {run.step}: {line}")
         run.log(record, clips=len(video))
 
 

@@ -9,7 +9,7 @@ from adapter import Controlled, build_adapter
 import pytest
 
 from hybrid_finetune import (DISCRIMINATORS, DiffusionDiscriminator, LOSSES, diffusion_weight, discriminator_loss,
-                             generator_adversarial_loss, mix_gradients)
+                             discriminator_update, drifted, generator_adversarial_loss, mix_gradients)
 from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
@@ -66,6 +66,31 @@ def test_query_discriminator_reads_the_trajectory():
     assert all(p.grad is None for p in disc.backbone.parameters())
 
 
+def test_matching_aware_discriminator_learns_to_check_the_maps():
+    """With --mismatch the classifier is told that real clips with drifted
+    maps are fake, so after training it scores a real clip lower under
+    drifted maps than under its own: its loss now rewards following the maps."""
+    batch = micro_batch(batch_size=4)
+    real, maps = batch["video"], batch["box_maps"]
+    moved = drifted(maps, torch.Generator().manual_seed(1))
+    assert torch.equal(moved[:, 0], maps[:, 0]) and not torch.equal(moved, maps)
+    assert torch.equal(moved[:, 1:].sum(dim=(-1, -2)) > 0, maps[:, 1:].sum(dim=(-1, -2)) > 0)  # nothing lost at 4 frames
+    disc = discriminator(form="joint")
+    fake = torch.rand_like(real) * 2 - 1
+    fake[:, 0] = real[:, 0]
+    cond = dict(first_frame=real[:, 0], trajectory=maps)
+    optimizer = torch.optim.Adam(disc.classifier.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        _, _, drifted_accuracy = discriminator_update(disc, optimizer, real, fake, cond, 0.6, generator, True)
+    assert drifted_accuracy is not None
+    t, noise = torch.full((4,), 0.3), torch.randn(real.shape, generator=generator)
+    with torch.no_grad():
+        own = disc(real, t, noise, cond)
+        other = disc(real, t, noise, dict(cond, trajectory=moved))
+    assert torch.all(own > other + 0.5), (own, other)
+
+
 def test_lambda_schedule_hands_over_from_diffusion_to_adversarial():
     """The paper's 1 / (4e-3 step + 0.1) over 1K steps, stretched to the run."""
     for max_steps in (300, 1000):
@@ -118,8 +143,10 @@ def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
                                        capture_output=True, text=True)
     for loss in LOSSES:
         out = tmp_path / loss
-        result = run(*paths, f"--loss={loss}", "--max_steps=2", "--sample_interval=2", f"--out_dir={out}")
+        mismatch = ["--mismatch=true"] if loss == "hybrid" else []
+        result = run(*paths, f"--loss={loss}", "--max_steps=2", "--sample_interval=2", f"--out_dir={out}", *mismatch)
         assert result.returncode == 0, result.stderr[-2000:]
+        assert ("discriminator map gap" in result.stdout + result.stderr) == (loss != "diffusion")
         ckpt = common.load_checkpoint(out / "ckpt.pt", kind="fast_adapter")
         assert ckpt["parent"] == "fast-run" and ckpt["loss"] == loss and ckpt["step"] == 2
         moved = any(not torch.equal(ckpt["model"][k], adapter.state_dict()[k]) for k in ckpt["model"])
@@ -127,6 +154,7 @@ def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
         assert "held-out mIoU" in result.stdout + result.stderr
     log = [json.loads(line) for line in open(tmp_path / "hybrid" / "log.jsonl")]
     assert [r["lambda"] for r in log] == [10.0, round(1 / 2.1, 4)]  # the schedule over a 2-step run
+    assert all(0 <= r["d_drifted_accuracy"] <= 1 for r in log) and "disc_map_gap" in log[-1]["held_out"]
     result = run(*paths, "--discriminator=tokens", "--max_steps=1", "--sample_interval=0",
                  f"--out_dir={tmp_path / 'tokens'}")
     assert result.returncode == 0, result.stderr[-2000:]
