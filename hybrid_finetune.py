@@ -384,11 +384,13 @@ def main(argv):
     opt_adapter = torch.optim.AdamW(adapter.parameters(), lr=opt.lr, betas=(0.0, 0.99), weight_decay=0.0)
     opt_disc = torch.optim.AdamW(discriminator.classifier.parameters(), lr=opt.lr_disc, betas=(0.0, 0.99),
                                  weight_decay=0.0)
+    saved_mismatch = run.saved is not None and run.saved.get("mismatch", False)
     if run.saved is not None and (run.saved["parent"] != fast_ckpt["run_id"] or run.saved["loss"] != opt.loss or
-                                  run.saved["discriminator"] != opt.discriminator):
+                                  run.saved["discriminator"] != opt.discriminator or saved_mismatch != opt.mismatch):
         raise UserError(f"{run.path} is a '{run.saved['loss']}' adapter of fast generator run "
-                        f"{run.saved['parent']} with a '{run.saved['discriminator']}' discriminator; this run asks "
-                        f"for '{opt.loss}' on run {fast_ckpt['run_id']} with '{opt.discriminator}'")
+                        f"{run.saved['parent']} with a '{run.saved['discriminator']}' discriminator "
+                        f"(--mismatch={saved_mismatch}); this run asks for '{opt.loss}' on run "
+                        f"{fast_ckpt['run_id']} with '{opt.discriminator}' (--mismatch={opt.mismatch})")
     run.restore(model=adapter, ema=ema_adapter, disc_classifier=discriminator.classifier, opt_adapter=opt_adapter,
                 opt_disc=opt_disc)
     if run.master:
@@ -488,6 +490,7 @@ def main(argv):
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt,
                      adapter_parent=adapter_ckpt["run_id"], loss=opt.loss, discriminator=opt.discriminator,
+                     mismatch=opt.mismatch,
                      generator_config=config_dict(fast_generator), adapter_config=adapter.config(),
                      condition=adapter.condition, model=adapter.state_dict(), ema=ema_adapter.state_dict(),
                      disc_classifier=discriminator.classifier.state_dict(), opt_adapter=opt_adapter.state_dict(),

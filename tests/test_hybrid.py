@@ -155,6 +155,8 @@ def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "hybrid" / "log.jsonl")]
     assert [r["lambda"] for r in log] == [10.0, round(1 / 2.1, 4)]  # the schedule over a 2-step run
     assert all(0 <= r["d_drifted_accuracy"] <= 1 for r in log) and "disc_map_gap" in log[-1]["held_out"]
+    bad = run(*paths, "--max_steps=3", f"--out_dir={tmp_path / 'hybrid'}", "--resume=true")  # without --mismatch
+    assert bad.returncode == 1 and "--mismatch=True" in bad.stderr and "Traceback" not in bad.stderr
     result = run(*paths, "--discriminator=tokens", "--max_steps=1", "--sample_interval=0",
                  f"--out_dir={tmp_path / 'tokens'}")
     assert result.returncode == 0, result.stderr[-2000:]
