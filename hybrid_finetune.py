@@ -200,9 +200,10 @@ class DiffusionDiscriminator(nn.Module):
         return self.classifier([features[i] for i in self.blocks], maps.to(features[0].dtype))
 
 
-def discriminator_loss(logits_real, logits_fake):
-    """Non-saturating GAN loss of the discriminator."""
-    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+def discriminator_loss(logits_real, *logits_fakes):
+    """Non-saturating GAN loss of the discriminator; with several groups of
+    fakes (GAN-CLS's generated and mismatched), their losses are averaged."""
+    return F.softplus(-logits_real).mean() + sum(F.softplus(f).mean() for f in logits_fakes) / len(logits_fakes)
 
 
 def generator_adversarial_loss(logits_fake):
@@ -290,14 +291,10 @@ def discriminator_update(discriminator, optimizer, real, fake, cond, max_t, nois
         groups.append((real, dict(cond, trajectory=drifted(cond["trajectory"], noise_gen))))
     conds = {key: torch.cat([c[key] for _, c in groups]) for key in cond}
     with autocast(real.device):
-        logits = discriminator(torch.cat([clip for clip, _ in groups]), t.repeat(len(groups)),
-                               noise.repeat(len(groups), *[1] * (noise.dim() - 1)), conds)
+        logits = discriminator(torch.cat([clip for clip, _ in groups]), torch.cat([t] * len(groups)),
+                               torch.cat([noise] * len(groups)), conds)
     logits_real, logits_fake, *logits_drifted = logits.float().chunk(len(groups))
-    if mismatch:
-        loss = F.softplus(-logits_real).mean() + (F.softplus(logits_fake).mean() +
-                                                  F.softplus(logits_drifted[0]).mean()) / 2
-    else:
-        loss = discriminator_loss(logits_real, logits_fake)
+    loss = discriminator_loss(logits_real, logits_fake, *logits_drifted)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
