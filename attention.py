@@ -19,7 +19,8 @@ The algorithm, per (batch, head):
             P = exp(S - lse) from the saved lse: dV += P^T dO,
             dS = P * (dO V^T - delta), dK += dS^T Q.
             dQ: for a block of queries, stream over key blocks: dQ += dS K.
-Two backward kernels instead of one with atomics: deterministic and simpler.
+The two backward loops run as two roles of one launch (programs for key blocks,
+then for query blocks), not as one loop with atomics: deterministic and simpler.
 
 `python attention.py` checks the kernels against PyTorch and, on a GPU, times
 them against every SDPA backend.
@@ -158,15 +159,12 @@ if HAS_TRITON:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
-    @triton.autotune(configs=tile_configs(bwd=True), key=["N", "HEAD_DIM"])
     @triton.jit
-    def _backward_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale,
-                              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                              sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
-                              HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One program: BLOCK_N keys/values of one (batch, head), all queries.
-        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
-        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    def _dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale, pid_n, pid_bh,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
+                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # BLOCK_N keys/values of one (batch, head), all queries.
         b, h = pid_bh // H, pid_bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -176,17 +174,27 @@ if HAS_TRITON:
         v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        k_t = _load_tile_t(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
+        if PRECISION == "ieee":
+            k_t = _load_tile_t(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
+        else:
+            k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, N)
         for start_m in range(0, N, BLOCK_M):
             rows = start_m + offs_m
-            q = _load_tile(Q, rows, offs_d, sqn, sqd, N)
+            if PRECISION == "ieee":
+                # fp32: S^T from the forward's very product q k^T, transposed. k q^T
+                # rounds differently, and at logits ~1e4 that rounding shows in dV.
+                q = _load_tile(Q, rows, offs_d, sqn, sqd, N)
+                s_t = tl.trans(_dot(q, k_t, PRECISION))
+            else:
+                # fp16/bf16 round far coarser than that: k q^T directly, which saves
+                # moving an fp32 tile through shared memory (~30% of the backward).
+                q_t = _load_tile_t(Q, rows, offs_d, sqn, sqd, N)
+                s_t = _dot(k, q_t, PRECISION)
+                q = tl.trans(q_t)
             do = _load_tile(DO, rows, offs_d, sdon, sdod, N)
             lse = tl.load(LSE + pid_bh * N + rows, mask=rows < N, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(DELTA + pid_bh * N + rows, mask=rows < N, other=0.0)
-            # P rebuilt from the saved lse with the forward's very product q k^T, then
-            # transposed: (BLOCK_N, BLOCK_M). k q^T rounds differently, and at large
-            # logits that rounding, times the logit's size, shows in P (and dV).
-            p_t = tl.trans(tl.exp2(_dot(q, k_t, PRECISION) * qk_scale - lse[:, None]))
+            p_t = tl.exp2(s_t * qk_scale - lse[None, :])   # P^T from the saved lse: (BLOCK_N, BLOCK_M)
             p_t = tl.where(offs_n[:, None] < N, p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)        # (dO V^T)^T
@@ -196,15 +204,12 @@ if HAS_TRITON:
         tl.store(DK + grad_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
         tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
 
-    @triton.autotune(configs=tile_configs(bwd=True), key=["N", "HEAD_DIM"])
     @triton.jit
-    def _backward_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale,
-                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                            sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
-                            HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One program: BLOCK_M queries of one (batch, head), all keys.
-        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
-        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    def _dq_block(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale, pid_m, pid_bh,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # BLOCK_M queries of one (batch, head), all keys.
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -226,6 +231,27 @@ if HAS_TRITON:
             dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), PRECISION)
         tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < N)
+
+    @triton.autotune(configs=tile_configs(bwd=True), key=["N", "HEAD_DIM"])
+    @triton.jit
+    def _backward_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, sm_scale, qk_scale,
+                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N,
+                         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Both gradients in one launch: the first cdiv(N, BLOCK_N) programs of axis 0
+        # each own a block of keys (dK, dV), the rest a block of queries (dQ). At small
+        # shapes the launches, not the arithmetic, are what costs (docs/results.md).
+        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
+        pid, pid_bh = tl.program_id(0), tl.program_id(1)
+        key_blocks = tl.cdiv(N, BLOCK_N)
+        if pid < key_blocks:
+            _dkdv_block(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, qk_scale, pid, pid_bh,
+                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM, PRECISION, BLOCK_M, BLOCK_N)
+        else:
+            _dq_block(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, qk_scale, pid - key_blocks, pid_bh,
+                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, H, N, HEAD_DIM, PRECISION, BLOCK_M, BLOCK_N)
 
 
 def precision_of(dtype):
@@ -265,10 +291,8 @@ class FlashAttention(torch.autograd.Function):
                                                              H, N, HEAD_DIM=D, BLOCK_M=block)
         common = dict(H=H, N=N, HEAD_DIM=D, PRECISION=precision_of(q.dtype))
         strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride())
-        _backward_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-            q, k, v, do, dk, dv, lse, delta, ctx.scale, ctx.scale * LOG2E, *strides, **common)
-        _backward_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, dq, lse, delta, ctx.scale, ctx.scale * LOG2E, *strides, **common)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) + triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        _backward_kernel[grid](q, k, v, do, dq, dk, dv, lse, delta, ctx.scale, ctx.scale * LOG2E, *strides, **common)
         return dq, dk, dv, None
 
 
