@@ -10,6 +10,7 @@ figure with a 95% bootstrap interval over the scenes.
                                                      # (FID/FVD of a few clips is mostly noise: see its real row)
     python bench.py --instruments                    # the instruments on real clips with known flaws
     python bench.py --pairs=flashmotion:naive        # paired differences (default: the paper's claims)
+    python bench.py --condition=box --adapter=lora   # the LoRA adapters that read box maps
 """
 
 import glob
@@ -23,6 +24,7 @@ import data
 import degrade
 import fvd
 import metrics
+from adapter import ADAPTERS, CONDITIONS
 from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
 from model import CONFIGS, video_shape
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
@@ -38,6 +40,7 @@ FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),
     methods=("", "comma-separated; default every method whose checkpoints exist"),
     adapter=("controlnet", "controlnet | lora: which adapter family the methods use"),
+    condition=("mask", "mask | box: the maps the adapters read (box maps: the paper's final condition)"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     scenes_per_count=(8, "held-out scenes per object count 1..6"),
     scenes=("", "a folder: run its *.json scene files instead of the held-out scenes"),
@@ -194,10 +197,12 @@ def instruments(opt, encoder, references):
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
     require_one_of(opt, "config", CONFIGS)
+    require_one_of(opt, "adapter", ADAPTERS)
+    require_one_of(opt, "condition", CONDITIONS)
     require_at_least(opt, ("scenes_per_count", "teacher_steps"))
     names = opt.methods.split(",") if opt.methods else [
         m for m in METHODS if all(os.path.exists(p) for p in checkpoint_paths(m, opt.config, opt.adapter,
-                                                                                 opt.checkpoints))]
+                                                                                 opt.condition, opt.checkpoints))]
     for name in names:
         check_method(name)
     if not names and not opt.instruments:
@@ -227,7 +232,8 @@ def main(argv):
     pairs = pairs_of(opt, names)
     results, clips, per_scene = {}, {}, {}
     for name in names:
-        method = load_method(name, opt.config, opt.adapter, opt.checkpoints, teacher_steps=opt.teacher_steps)
+        method = load_method(name, opt.config, opt.adapter, opt.condition, opt.checkpoints,
+                             teacher_steps=opt.teacher_steps)
         results[name], clips[name], per_scene[name] = measure(method, scenes, encoder, references, opt)
         r = results[name]
         print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "

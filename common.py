@@ -128,7 +128,8 @@ def how_to_make(path):
     name = os.path.basename(str(path))
     for prefix, command in MADE_BY.items():
         if name.startswith(prefix):
-            return f"make it with {command} (then export its ckpt.pt there), or bash pipeline.sh"
+            maps = ", on mask maps (README: shipped checkpoints)" if "_mask_" in name else ""
+            return f"make it with {command}{maps} (then export its ckpt.pt there), or bash pipeline.sh"
     return "it is written by the script that trained it (README: each stage's command)"
 
 

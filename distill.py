@@ -41,7 +41,7 @@ FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the teacher"),
     teacher_ckpt=("", "the slow generator; default checkpoints/slow_generator_<config>.pt"),
     controlled=(False, "dmd-joint: distil the generator and the slow adapter together"),
-    adapter_ckpt=("", "with --controlled: default checkpoints/slow_adapter_controlnet_<config>.pt"),
+    adapter_ckpt=("", "with --controlled: default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
     out_dir=("", "default runs/fast_generator_<config> (runs/dmd_joint_<config>)"),
     batch_size=(8, "clips per rank and iteration"),
     max_steps=(1200, "iterations; one fake-score update each"),
@@ -141,7 +141,7 @@ def main(argv):
     if not 0 < opt.t_min < opt.t_max < 1:
         raise UserError("need 0 < --t_min < --t_max < 1")
     opt.teacher_ckpt = opt.teacher_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
-    opt.adapter_ckpt = opt.adapter_ckpt or (f"checkpoints/slow_adapter_controlnet_{opt.config}.pt"
+    opt.adapter_ckpt = opt.adapter_ckpt or (f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"
                                             if opt.controlled else "")
     kind = "dmd_joint" if opt.controlled else "fast_generator"
     opt.out_dir = opt.out_dir or f"runs/{kind}_{opt.config}"

@@ -77,7 +77,7 @@ FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the checkpoints"),
     fast_generator_ckpt=("", "default checkpoints/fast_generator_<config>.pt"),
     slow_generator_ckpt=("", "the discriminator's backbone; default checkpoints/slow_generator_<config>.pt"),
-    adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_<config>.pt"),
+    adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
     loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial"),
     lambda_rate=(4.0, "hybrid: lambda = 1 / (lambda_rate * step / max_steps + 0.1), the paper's over 1K steps"),
     discriminator=("query", "query (the paper's query-token classifier) | joint (query, video tokens joined with "
@@ -356,7 +356,7 @@ def main(argv):
     diffusion_steps = set(index_list(opt, "diffusion_steps", len(FAST_TIMES), "steps"))
     opt.fast_generator_ckpt = opt.fast_generator_ckpt or f"checkpoints/fast_generator_{opt.config}.pt"
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
-    opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_{opt.config}.pt"
+    opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"
     opt.out_dir = opt.out_dir or f"runs/fast_adapter_{opt.loss}_{opt.config}"
     use_diffusion, use_adversarial = opt.loss != "adversarial", opt.loss != "diffusion"
     run = Run(opt, kind="fast_adapter")

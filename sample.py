@@ -4,6 +4,7 @@
     python sample.py --method teacher --steps 50 --guidance 1   # no trajectory CFG (default 3)
     python sample.py --scene my_scene.json --seed 3 --out my.mp4
     python sample.py --method naive --adapter lora --device cuda
+    python sample.py --condition box                            # adapters that read box maps
 
 The scene file gives the first frame (drawn from its objects, or your own
 image) and each object's box in every frame (scenes.py). The video shows the
@@ -34,24 +35,25 @@ import torch
 import torch.nn as nn
 
 import data
-from adapter import ADAPTERS, Controlled, adapter_from_checkpoint, joint_from_checkpoint
+from adapter import ADAPTERS, CONDITIONS, Controlled, adapter_from_checkpoint, joint_from_checkpoint
 from common import UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of
 from model import CONFIGS, fast_generate, generate, model_from_checkpoint
 from scenes import scene_batch
 
-# name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family.
+# name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family
+# and {maps} the maps it reads: "_mask" for mask maps, "" for box maps (the paper's final condition).
 # Steps None: the teacher's, 50 unless asked otherwise.
 METHODS = {
     "generator": ("slow_generator", None, "euler", None),
-    "teacher": ("slow_generator", "slow_adapter_{adapter}", "euler", None),
-    "teacher-4": ("slow_generator", "slow_adapter_{adapter}", "euler", 4),
+    "teacher": ("slow_generator", "slow_adapter_{adapter}{maps}", "euler", None),
+    "teacher-4": ("slow_generator", "slow_adapter_{adapter}{maps}", "euler", 4),
     "fast-generator": ("fast_generator", None, "few-step", 4),
-    "naive": ("fast_generator", "slow_adapter_{adapter}", "few-step", 4),
-    "dmd-joint": ("dmd_joint", None, "few-step", 4),
-    "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}", "few-step", 4),
-    "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}", "few-step", 4),
-    "fixed-lambda": ("fast_generator", "fast_adapter_fixed_lambda_{adapter}", "few-step", 4),
-    "flashmotion": ("fast_generator", "fast_adapter_hybrid_{adapter}", "few-step", 4),
+    "naive": ("fast_generator", "slow_adapter_{adapter}{maps}", "few-step", 4),
+    "dmd-joint": ("dmd_joint{maps}", None, "few-step", 4),
+    "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}{maps}", "few-step", 4),
+    "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}{maps}", "few-step", 4),
+    "fixed-lambda": ("fast_generator", "fast_adapter_fixed_lambda_{adapter}{maps}", "few-step", 4),
+    "flashmotion": ("fast_generator", "fast_adapter_hybrid_{adapter}{maps}", "few-step", 4),
 }
 TEACHER_STEPS = 50
 
@@ -77,32 +79,37 @@ def check_method(name):
         raise UserError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
 
 
-def checkpoint_paths(name, config, adapter_kind, folder="checkpoints"):
+def checkpoint_paths(name, config, adapter_kind, condition="mask", folder="checkpoints"):
     """The checkpoint files a method needs: [generator] or [generator, adapter]."""
     generator, adapter, _, _ = METHODS[name]
-    names = [generator] + ([adapter.format(adapter=adapter_kind)] if adapter else [])
+    maps = "_mask" if condition == "mask" else ""
+    names = [generator.format(maps=maps)] + ([adapter.format(adapter=adapter_kind, maps=maps)] if adapter else [])
     return [os.path.join(folder, f"{n}_{config}.pt") for n in names]
 
 
-def load_method(name, config="tiny", adapter_kind="controlnet", folder="checkpoints", device="cpu",
-                teacher_steps=TEACHER_STEPS):
-    """A Method, its networks loaded from `folder` in eval mode on `device`."""
+def load_method(name, config="tiny", adapter_kind="controlnet", condition="mask", folder="checkpoints",
+                device="cpu", teacher_steps=TEACHER_STEPS):
+    """A Method, its networks loaded from `folder` in eval mode on `device`;
+    its adapter reads `condition` maps (mask | box)."""
     check_method(name)
-    paths = checkpoint_paths(name, config, adapter_kind, folder)
+    if condition not in CONDITIONS:
+        raise UserError(f"--condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
+    paths = checkpoint_paths(name, config, adapter_kind, condition, folder)
     for path in paths:
         if not os.path.exists(path):
             raise UserError(f"method '{name}' needs {path}, which is missing; {how_to_make(path)}")
-    generator_kind, _, sampler, steps = METHODS[name]
-    generator_ckpt = load_checkpoint(paths[0], kind=generator_kind)
-    if generator_kind == "dmd_joint":
-        model = joint_from_checkpoint(generator_ckpt)
-    else:
-        model = model_from_checkpoint(generator_ckpt)
+    generator_name, adapter_name, sampler, steps = METHODS[name]
+    joint = generator_name.startswith("dmd_joint")
+    generator_ckpt = load_checkpoint(paths[0], kind="dmd_joint" if joint else generator_name)
+    model = joint_from_checkpoint(generator_ckpt) if joint else model_from_checkpoint(generator_ckpt)
     if len(paths) == 2:
-        stage = "slow_adapter" if METHODS[name][1].startswith("slow_adapter") else "fast_adapter"
+        stage = "slow_adapter" if adapter_name.startswith("slow_adapter") else "fast_adapter"
         adapter_ckpt = load_checkpoint(paths[1], kind=stage)
         model = Controlled(model, adapter_from_checkpoint(adapter_ckpt, model, generator_ckpt,
                                                           allow_other_generator=name == "naive"))
+    if isinstance(model, Controlled) and model.adapter.condition != condition:
+        raise UserError(f"{paths[-1]} holds an adapter reading {model.adapter.condition} maps, "
+                        f"not the {condition} maps its name promises")
     return Method(name, model.to(device).eval(), sampler, steps or teacher_steps)
 
 
@@ -139,6 +146,7 @@ FLAGS = dict(
     seed=(0, "seed of the noise: the same seed gives the same video"),
     out=("", "the video, .gif or .mp4; default samples/<method>_<scene>.gif"),
     adapter=("controlnet", "controlnet | lora: the adapter family"),
+    condition=("mask", "mask | box: the maps its adapter reads (box maps: the paper's final condition)"),
     guidance=(3.0, "trajectory guidance (CFG) of the Euler methods, as bench.py"),
     config=("tiny", "micro | tiny | small: which checkpoints"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
@@ -151,6 +159,7 @@ def main(argv):
     check_method(opt.method)
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "adapter", ADAPTERS)
+    require_one_of(opt, "condition", CONDITIONS)
     require_at_least(opt, ("steps",))
     device = pick_device(opt.device)
     if METHODS[opt.method][2] == "few-step" and opt.steps not in (None, 4):
@@ -159,7 +168,7 @@ def main(argv):
     out = opt.out or os.path.join("samples", f"{opt.method}_{name}.gif")
     data.check_video_path(out)  # before any work: a bad --out loses nothing
     scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
-    method = load_method(opt.method, opt.config, opt.adapter, opt.checkpoints, device)
+    method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device)
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, opt.steps, opt.guidance, opt.seed)
     maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]

@@ -9,6 +9,8 @@ classifier-free guidance on the trajectory works at sampling.
     python train_adapter.py                        # ControlNet on checkpoints/slow_generator_tiny.pt
     python train_adapter.py --adapter=lora --condition=mask
     python train_adapter.py --mask_first=0.46      # mask maps for 46% of the steps, then box maps
+    python train_adapter.py --condition=mask --init_from=checkpoints/slow_adapter_controlnet_tiny.pt
+                                                   # a box adapter, continued on mask maps
     torchrun --nproc_per_node=4 train_adapter.py --config=small --generator_ckpt=runs/slow_generator_small/ckpt.pt
     python train_adapter.py --resume=true
 
@@ -23,7 +25,7 @@ import torch
 
 import data
 import metrics
-from adapter import ADAPTERS, CONDITIONS, Controlled, build_adapter
+from adapter import ADAPTERS, CONDITIONS, Controlled, adapter_from_checkpoint, build_adapter
 from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
                     parse_flags, require_at_least, require_one_of, set_lr)
 from model import CONFIGS, config_dict, flow_matching_loss, generate, model_from_checkpoint, video_shape
@@ -34,6 +36,8 @@ FLAGS = dict(
     adapter=("controlnet", "controlnet | lora"),
     condition=("box", "box | mask: which trajectory maps steer the objects"),
     mask_first=(0.0, "with box maps: read mask maps for this fraction of the steps first (the paper: masks, then boxes)"),
+    init_from=("", "start from this adapter checkpoint's EMA weights (same kind, same generator; "
+                   "its maps may differ): a short run moves a box adapter to mask maps"),
     controlnet_blocks=(0, "blocks copied into the ControlNet; 0: half the generator's depth"),
     lora_rank=(16, "rank of the LoRA updates"),
     out_dir=("", "default runs/slow_adapter_<adapter>_<config>"),
@@ -105,6 +109,16 @@ def main(argv):
         raise UserError(f"{run.path} is a {run.saved['adapter_config']} adapter reading {run.saved['condition']} "
                         f"maps, of generator run {run.saved['parent']}; this run asks for {adapter.config()} "
                         f"reading {opt.condition} maps on run {parent['run_id']}")
+    if opt.init_from and run.saved is None:
+        # The adapter is the same network whichever maps it reads (--mask_first switches them mid-run),
+        # so a box adapter is a warm start for a mask one.
+        source = load_checkpoint(opt.init_from, kind="slow_adapter")
+        adapter_from_checkpoint(source, generator, parent)  # refuses another generator's adapter
+        if source["adapter_config"] != adapter.config():
+            raise UserError(f"--init_from={opt.init_from} is a {source['adapter_config']} adapter; "
+                            f"this run builds {adapter.config()}")
+        adapter.load_state_dict(source["ema"])
+        ema_adapter.load_state_dict(source["ema"])
     run.restore(model=adapter, ema=ema_adapter, optimizer=optimizer)
     if run.master:
         print(f"{opt.adapter} adapter ({opt.condition} maps): "

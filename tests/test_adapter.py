@@ -158,6 +158,28 @@ def test_masks_then_boxes(tmp_path):
     assert common.load_checkpoint(tmp_path / "run" / "ckpt.pt")["condition"] == "box"
 
 
+def test_init_from_moves_a_box_adapter_to_mask_maps(tmp_path):
+    """--init_from starts from another adapter's weights (box maps, here), and refuses another kind."""
+    generator = micro_generator()
+    generator_checkpoint(tmp_path / "gen.pt", generator, "run-a")
+    box_adapter = build_adapter("controlnet", generator, "box")
+    with torch.no_grad():
+        for p in box_adapter.parameters():
+            p.add_(torch.randn_like(p))
+    adapter_checkpoint(tmp_path / "box.pt", box_adapter, generator, "run-a")
+    gen, source = f"--generator_ckpt={tmp_path / 'gen.pt'}", f"--init_from={tmp_path / 'box.pt'}"
+    result = run_adapter(gen, source, "--condition=mask", "--lr=0", "--max_steps=2", "--sample_interval=0",
+                         f"--out_dir={tmp_path / 'mask'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = common.load_checkpoint(tmp_path / "mask" / "ckpt.pt")
+    assert ckpt["condition"] == "mask" and [r["maps"] for r in map(json.loads, open(tmp_path / "mask" / "log.jsonl"))] \
+        == ["mask", "mask"]
+    for key, value in box_adapter.state_dict().items():  # lr 0: the box adapter's weights, unchanged
+        assert torch.equal(ckpt["model"][key], value), key
+    result = run_adapter(gen, source, "--adapter=lora", "--max_steps=2", f"--out_dir={tmp_path / 'lora'}")
+    assert result.returncode == 1 and "--init_from" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("flag, message", [("--adapter=dora", "--adapter must be one of"),
                                            ("--condition=points", "--condition must be one of"),
                                            ("--mask_first=1.5", "--mask_first must be in [0, 1)"),

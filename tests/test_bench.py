@@ -16,8 +16,8 @@ from test_hybrid import trained_looking_adapter
 def micro_checkpoints(folder):
     slow = micro_generator()
     generator_checkpoint(folder / "slow_generator_micro.pt", slow, "slow-run")
-    adapter = trained_looking_adapter(slow)
-    adapter_checkpoint(folder / "slow_adapter_controlnet_micro.pt", adapter, slow, "slow-run")
+    adapter = trained_looking_adapter(slow, condition="mask")  # the default family: mask maps
+    adapter_checkpoint(folder / "slow_adapter_controlnet_mask_micro.pt", adapter, slow, "slow-run")
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})

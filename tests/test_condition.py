@@ -1,5 +1,10 @@
 """An adapter trained on mask maps is fed mask maps by every later stage:
-dmd-joint, the stage-3 finetune, and the methods of sample.py / bench.py."""
+dmd-joint, the stage-3 finetune, and the methods of sample.py / bench.py
+(which find the mask family by its files' _mask names)."""
+
+import shutil
+
+import pytest
 
 import adapter
 import common
@@ -50,18 +55,23 @@ def test_mask_adapter_reads_mask_maps_in_every_stage(tmp_path, monkeypatch):
         common.export_checkpoint(tmp_path / name / "ckpt.pt", folder / f"{name}_micro.pt")
         only_mask_maps_reached_the_adapter()
 
-    trained("slow_adapter", train_adapter, "slow_adapter_controlnet", "--condition=mask", "--eval_scenes=2",
+    trained("slow_adapter", train_adapter, "slow_adapter_controlnet_mask", "--condition=mask", "--eval_scenes=2",
             "--sample_steps=2", f"--generator_ckpt={folder / 'slow_generator_micro.pt'}")
-    slow_adapter = f"--adapter_ckpt={folder / 'slow_adapter_controlnet_micro.pt'}"
-    trained("dmd_joint", distill, "dmd_joint", "--controlled=true", "--ratio=1", slow_adapter,
+    slow_adapter = f"--adapter_ckpt={folder / 'slow_adapter_controlnet_mask_micro.pt'}"
+    trained("dmd_joint", distill, "dmd_joint_mask", "--controlled=true", "--ratio=1", slow_adapter,
             f"--teacher_ckpt={folder / 'slow_generator_micro.pt'}")
-    trained("fast_adapter", hybrid_finetune, "fast_adapter_hybrid_controlnet", "--eval_scenes=2",
+    trained("fast_adapter", hybrid_finetune, "fast_adapter_hybrid_controlnet_mask", "--eval_scenes=2",
             "--disc_blocks=0,1", slow_adapter, f"--slow_generator_ckpt={folder / 'slow_generator_micro.pt'}",
             f"--fast_generator_ckpt={folder / 'fast_generator_micro.pt'}")
 
     scenes = data.SpriteWorld(4, 16, batch_size=2, seed=5).batch(0)
     for name in ("teacher", "naive", "dmd-joint", "flashmotion"):
-        method = sample.load_method(name, "micro", folder=str(folder), teacher_steps=2)
+        method = sample.load_method(name, "micro", condition="mask", folder=str(folder), teacher_steps=2)
         assert method.model.adapter.condition == "mask"
         sample.generate_clips(method, scenes, guidance=2.0)
         only_mask_maps_reached_the_adapter()
+
+    # A mask adapter under a box adapter's name is refused, not silently fed box maps.
+    shutil.copy(folder / "slow_adapter_controlnet_mask_micro.pt", folder / "slow_adapter_controlnet_micro.pt")
+    with pytest.raises(common.UserError, match="reading mask maps, not the box maps"):
+        sample.load_method("teacher", "micro", condition="box", folder=str(folder))

@@ -14,10 +14,10 @@ from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
 
-def trained_looking_adapter(generator, seed=0):
+def trained_looking_adapter(generator, seed=0, condition="box"):
     """A ControlNet adapter whose zero-initialised layers have moved, as after stage 1."""
     torch.manual_seed(seed)
-    adapter = build_adapter("controlnet", generator)
+    adapter = build_adapter("controlnet", generator, condition)
     torch.nn.init.normal_(adapter.trajectory_embed.weight, std=0.05)
     for layer in adapter.outputs:
         torch.nn.init.normal_(layer.weight, std=0.05)

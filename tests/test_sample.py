@@ -30,6 +30,8 @@ def test_same_seed_same_video_other_seed_other_video(micro_folder):
     (["--method", "flashmotion"], "hybrid_finetune.py"),
     (["--method", "naive", "--steps", "8"], "--steps must be 4"),
     (["--adapter", "dora"], "--adapter must be"),
+    (["--condition", "dots"], "--condition must be"),
+    (["--method", "naive", "--condition", "box"], "slow_adapter_controlnet_micro.pt, which is missing"),
     (["--seed", "x"], "--seed must be a whole number"),
 ])
 def test_bad_flags_exit_with_one_line_and_write_nothing(micro_folder, args, message):
