@@ -92,8 +92,6 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition="mask"
     """A Method, its networks loaded from `folder` in eval mode on `device`;
     its adapter reads `condition` maps (mask | box)."""
     check_method(name)
-    if condition not in CONDITIONS:
-        raise UserError(f"--condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
     paths = checkpoint_paths(name, config, adapter_kind, condition, folder)
     for path in paths:
         if not os.path.exists(path):

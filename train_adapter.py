@@ -113,12 +113,12 @@ def main(argv):
         # The adapter is the same network whichever maps it reads (--mask_first switches them mid-run),
         # so a box adapter is a warm start for a mask one.
         source = load_checkpoint(opt.init_from, kind="slow_adapter")
-        adapter_from_checkpoint(source, generator, parent)  # refuses another generator's adapter
         if source["adapter_config"] != adapter.config():
             raise UserError(f"--init_from={opt.init_from} is a {source['adapter_config']} adapter; "
                             f"this run builds {adapter.config()}")
-        adapter.load_state_dict(source["ema"])
-        ema_adapter.load_state_dict(source["ema"])
+        warm = adapter_from_checkpoint(source, generator, parent).state_dict()  # refuses another generator's
+        adapter.load_state_dict(warm)
+        ema_adapter.load_state_dict(warm)
     run.restore(model=adapter, ema=ema_adapter, optimizer=optimizer)
     if run.master:
         print(f"{opt.adapter} adapter ({opt.condition} maps): "
