@@ -32,6 +32,10 @@ from model import config_dict, model_from_checkpoint
 
 ADAPTERS = ("controlnet", "lora")
 CONDITIONS = {"box": "box_maps", "mask": "mask_maps"}  # condition -> the batch key of its maps
+# The shipped family reads mask maps: boxes do not show an object's shape, so an
+# adapter that reads them draws blobs that fill the box (docs/results.md).
+DEFAULT_CONDITION = "mask"
+LORA_RANK = 16  # rank of the LoRA updates
 
 
 # ------------------------------------------------------------- adapters ----
@@ -83,7 +87,7 @@ class ControlNetAdapter(nn.Module):
 class LoRAAdapter(nn.Module):
     TARGETS = ("qkv", "proj")  # the attention projections of every block
 
-    def __init__(self, generator, condition, rank=16):
+    def __init__(self, generator, condition, rank=LORA_RANK):
         super().__init__()
         self.condition = condition
         cfg = generator.cfg
@@ -119,7 +123,7 @@ def zero_linear(d_in, d_out):
     return layer
 
 
-def build_adapter(kind, generator, condition="box", blocks=0, rank=16):
+def build_adapter(kind, generator, condition=DEFAULT_CONDITION, blocks=0, rank=LORA_RANK):
     """A fresh adapter of `kind` on `generator`, reading `condition` maps (box | mask)."""
     if condition not in CONDITIONS:
         raise UserError(f"--condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
@@ -167,8 +171,7 @@ class Controlled(nn.Module):
 
 def adapter_from_config(config, generator, condition):
     """An adapter as a checkpoint's `adapter_config` describes it (weights not loaded)."""
-    return build_adapter(config["type"], generator, condition, blocks=config.get("blocks", 0),
-                         rank=config.get("rank", 16))
+    return build_adapter(config["type"], generator, condition, **{k: v for k, v in config.items() if k != "type"})
 
 
 def adapter_from_checkpoint(ckpt, generator, generator_ckpt, use_ema=True, allow_other_generator=False):

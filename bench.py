@@ -24,11 +24,13 @@ import data
 import degrade
 import fvd
 import metrics
-from adapter import ADAPTERS, CONDITIONS
+from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION
 from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
-from model import CONFIGS, video_shape
+from data import video_shape
+from model import CONFIGS
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
+from video import check_video_path, comparison_video, save_video
 
 # The paper's claims as differences (a minus b): the misalignment, what each loss buys, the speed-up's cost.
 DEFAULT_PAIRS = [("naive", "teacher"), ("flashmotion", "naive"), ("diffusion-only", "naive"),
@@ -40,7 +42,7 @@ FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),
     methods=("", "comma-separated; default every method whose checkpoints exist"),
     adapter=("controlnet", "controlnet | lora: which adapter family the methods use"),
-    condition=("mask", "mask | box: the maps the adapters read (box maps: the paper's final condition)"),
+    condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read (box maps: the paper's final condition)"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     scenes_per_count=(8, "held-out scenes per object count 1..6"),
     scenes=("", "a folder: run its *.json scene files instead of the held-out scenes"),
@@ -210,7 +212,7 @@ def main(argv):
     if opt.json:
         check_writable(opt.json)
     if opt.gif:
-        data.check_video_path(opt.gif)
+        check_video_path(opt.gif)
     if opt.instruments and (opt.scenes or opt.gif):
         raise UserError("--instruments measures held-out real clips with known flaws: drop --scenes and --gif")
     if opt.scenes:
@@ -221,7 +223,7 @@ def main(argv):
     encoder_path = os.path.join(opt.checkpoints, f"video_encoder_{opt.config}.pt")
     if not os.path.exists(encoder_path):
         raise UserError(f"FID and FVD need {encoder_path}, which is missing: make it with "
-                        f"python fvd.py --config={opt.config}")
+                        f"python train_fvd.py --config={opt.config}")
     encoder, *references = fvd.load_encoder(encoder_path)
     if opt.instruments:
         write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
@@ -257,7 +259,7 @@ def main(argv):
     if opt.gif:
         # one scene with 1, 3 and 5 objects (a folder: its first three scenes)
         picks = range(min(3, len(scenes["video"]))) if opt.scenes else [i * opt.scenes_per_count for i in (0, 2, 4)]
-        data.save_video(opt.gif, data.comparison_video(scenes, list(clips.values()), picks))
+        save_video(opt.gif, comparison_video(scenes, list(clips.values()), picks))
         print(f"\nside by side (truth, {', '.join(results)}): {opt.gif}", file=sys.stderr)
 
 

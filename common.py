@@ -28,19 +28,30 @@ class UserError(SystemExit):
 
 # ----------------------------------------------------------------- flags ----
 
-def parse_flags(flags, argv, doc):
+BOOLEANS = ("true", "false", "1", "0")
+
+
+def parse_flags(flags, argv, doc, recipes=None):
     """A script's flags, {name: (default, one line of help)}, overridden by
-    `--key=value` or `--key value` and type-checked against the default. A
-    default that is a type (`int`) makes the flag optional: None unless given.
-    `--help` prints the script's docstring and its flags, then exits."""
+    `--key=value` or `--key value` and type-checked against the default; a
+    boolean flag alone (`--resume`) means true. A default that is a type
+    (`int`) makes the flag optional: None unless given. recipes, {config:
+    {name: value}}, are the defaults that `--config=<name>` switches to (the
+    small recipe); a flag given on the command line wins. `--help` prints the
+    script's docstring and its flags, then exits."""
     if "--help" in argv or "-h" in argv:
-        print(usage(flags, doc))
+        print(usage(flags, doc, recipes or {}))
         raise SystemExit(0)
     values = {name: None if isinstance(default, type) else default for name, (default, _) in flags.items()}
+    given = set()
     argv = list(argv)
     while argv:
         arg = argv.pop(0)
-        if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--"):
+        bare = arg.startswith("--") and "=" not in arg
+        if bare and isinstance(flags.get(arg[2:], (None,))[0], bool):
+            value = argv.pop(0) if argv and argv[0].lower() in BOOLEANS else "true"
+            arg = f"{arg}={value}"  # a bare boolean flag means true
+        elif bare and argv and not argv[0].startswith("--"):
             arg = f"{arg}={argv.pop(0)}"  # `--key value` reads as `--key=value`
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"expected --key=value or --key value, got '{arg}' (--help lists the flags)")
@@ -49,13 +60,17 @@ def parse_flags(flags, argv, doc):
             raise UserError(f"unknown option --{key} (known: {', '.join(sorted(flags)) or 'none'})")
         default = flags[key][0]
         values[key] = parse_value(key, text, default if isinstance(default, type) else type(default))
+        given.add(key)
+    for key, value in (recipes or {}).get(values.get("config"), {}).items():
+        if key not in given:
+            values[key] = value
     return SimpleNamespace(**values)
 
 
 def parse_value(key, text, kind):
     try:
         if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
+            if text.lower() not in BOOLEANS:
                 raise ValueError
             return text.lower() in ("true", "1")
         if kind is int:
@@ -76,11 +91,12 @@ def parse_value(key, text, kind):
         raise UserError(f"--{key} must be {expected}, got '{text}'") from None
 
 
-def usage(flags, doc):
+def usage(flags, doc, recipes):
     lines = [doc.strip(), "", "flags (--key=value or --key value):" if flags else "no flags"]
     for name, (default, help_line) in flags.items():
         shown = "(not set)" if isinstance(default, type) else default
-        lines.append(f"  --{name}={shown}".ljust(34) + f" {help_line}")
+        other = "".join(f" ({config}: {recipe[name]})" for config, recipe in recipes.items() if name in recipe)
+        lines.append(f"  --{name}={shown}".ljust(34) + f" {help_line}{other}")
     return "\n".join(lines)
 
 
@@ -115,20 +131,29 @@ def check_writable(path):
         raise UserError(f"{path}: cannot write in {existing} ({e.strerror})") from None
 
 
+def check_new_file(path):
+    """Refuse, before any work, an output that would replace an existing file
+    (what checkpoints/ ships is never overwritten) or that cannot be written."""
+    if os.path.exists(path):
+        raise UserError(f"{path} exists: not replaced (remove it first to export anew)")
+    check_writable(path)
+
+
 # ----------------------------------------------------------- checkpoints ----
 
 # The command that makes each shipped checkpoint (by file-name prefix), for error messages.
 MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_adapter.py",
-           "fast_generator": "python distill.py", "dmd_joint": "python distill.py --controlled=true",
-           "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python fvd.py",
-           "autoencoder": "python autoencoder.py"}
+           "fast_generator": "python distill.py",
+           "dmd_joint": "python distill.py --controlled=true --max_steps=1200 --stop_at=0",
+           "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python train_fvd.py",
+           "autoencoder": "python train_autoencoder.py"}
 
 
 def how_to_make(path):
     name = os.path.basename(str(path))
     for prefix, command in MADE_BY.items():
         if name.startswith(prefix):
-            maps = ", on mask maps (README: shipped checkpoints)" if "_mask_" in name else ""
+            maps = ", on box maps (pipeline.sh)" if "_mask_" not in name and "adapter" in name else ""
             return f"make it with {command}{maps} (then export its ckpt.pt there), or bash pipeline.sh"
     return "it is written by the script that trained it (README: each stage's command)"
 
@@ -171,14 +196,16 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
     return ckpt
 
 
-TRAINING_STATE = ("model", "optimizer", "opt_generator", "opt_fake", "fake_score", "opt_adapter", "opt_disc",
-                  "disc_classifier")
+TRAINING_STATE = ("model", "optimizer", "optimizer_generator", "optimizer_fake", "fake_score", "optimizer_adapter",
+                  "optimizer_discriminator", "discriminator")
 
 
 def export_checkpoint(src, dst):
     """A run's checkpoint without what only training needs (raw weights,
     optimizers, fake score, discriminator classifier): the EMA weights and the
-    metadata that tie it to its parents. This is what checkpoints/ ships."""
+    metadata that tie it to its parents. This is what checkpoints/ ships, so
+    an existing file is never replaced: remove it first to export anew."""
+    check_new_file(dst)
     ckpt = load_checkpoint(src)
     save_checkpoint(dst, {key: value for key, value in ckpt.items() if key not in TRAINING_STATE})
 
@@ -367,6 +394,14 @@ def lr_at(step, base_lr, warmup, max_steps, min_ratio=0.1):
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clipped_step(optimizer, module, grad_clip):
+    """Clip the module's gradient norm, step, zero the gradient: the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def set_lr(optimizer, lr):

@@ -1,8 +1,9 @@
 """The sprite world: procedural videos of coloured shapes moving over quiet
 backgrounds, with the exact mask and box of every object in every frame, and
 the trajectory conditions of the MagicMotion/FlashMotion family (mask maps and
-box maps); the endless seeded stream of them; and writing clips as GIF/MP4.
-Scene files and folders of your own clips are read by scenes.py.
+box maps); the endless seeded stream of them; and the clip shape of each
+config. Scene files and folders of your own clips are read by scenes.py;
+video.py draws and writes clips.
 
 Conventions. Pixel coordinates, origin top-left, x to the right; pixel (row i,
 column j) has its centre at (j + 0.5, i + 0.5). A box is [x0, y0, x1, y1] with
@@ -13,19 +14,17 @@ listed back to front: a later object occludes an earlier one.
     python data.py --config=small --n=4 --out=preview.gif
 """
 
-import importlib.util
-import os
 import sys
 from dataclasses import dataclass, field
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
+from common import parse_flags, require_at_least, require_one_of
+from video import ID_COLORS, check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 BACKGROUNDS = ("solid", "gradient", "noise", "stripes")
@@ -33,20 +32,25 @@ TRAJECTORIES = ("straight", "curved", "bounce", "stop_and_go")
 MAX_OBJECTS = 6
 HELD_OUT_SEED = 1_000_003  # scenes for samples and evaluation; training uses seeds 0, 1, ...
 
+# The clips of each config (model.CONFIGS sizes its networks for them): `micro`
+# is for the tests, `tiny` for a CPU and the shipped checkpoints, `small` for one GPU.
+CLIP_SHAPES = {"micro": {"frames": 4, "size": 16}, "tiny": {"frames": 16, "size": 32},
+               "small": {"frames": 16, "size": 64}}
+
+
+def video_shape(config):
+    """{frames, size} of a config, by name or as anything with .frames and .size
+    (a model.DiTConfig): what SpriteWorld takes."""
+    if isinstance(config, str):
+        return dict(CLIP_SHAPES[config])
+    return {"frames": config.frames, "size": config.size}
+
 # Saturated, mutually distinct object colours. Backgrounds are kept desaturated
 # (see random_background_colors), so a simple colour match segments objects.
 OBJECT_COLORS = np.array([
     [230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 210, 30],
     [220, 50, 220], [30, 210, 220], [250, 130, 20], [150, 70, 240],
 ], dtype=np.uint8)
-
-# The colour that identifies object k in the trajectory maps (on black). They
-# are fixed by slot, not by the object's look: the first frame of every map is
-# the segmentation mask, which tells the model which object owns which path.
-ID_COLORS = np.array([
-    [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
-], dtype=np.float32) / 255.0
-
 
 # ------------------------------------------------------------------ scenes --
 
@@ -338,88 +342,7 @@ class SpriteWorld(BatchStream):
         return to_sample(render(random_scene(rng, self.frames, self.size, self.n_objects)), self.size)
 
 
-# ----------------------------------------------------- looking at videos ----
-
-def to_uint8(video):
-    """(T, 3, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    video = (video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-    return rearrange(video.round().to(torch.uint8), "t c h w -> t h w c").numpy()
-
-
-def maps_to_uint8(maps):
-    """(T, 3, H, W) trajectory maps in [0, 1] -> (T, H, W, 3) uint8."""
-    return to_uint8(maps * 2 - 1)
-
-
-def upscale(frames, factor):
-    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
-
-
-def draw_boxes(frames, boxes, factor=1):
-    """Outline boxes (K, T, 4) in their ID colours on (T, H, W, 3) uint8 frames,
-    after an optional nearest upscale (thin lines stay readable)."""
-    frames = upscale(frames, factor).copy()
-    H, W = frames.shape[1:3]
-    for k in range(len(boxes)):
-        color = (ID_COLORS[k] * 255).astype(np.uint8)
-        for t in range(frames.shape[0]):
-            x0, y0, x1, y1 = (np.asarray(boxes[k, t], dtype=np.float64) * factor).round().astype(int)
-            if x1 <= x0 or y1 <= y0:
-                continue
-            x1, y1 = min(x1, W) - 1, min(y1, H) - 1
-            frames[t, y0, x0:x1 + 1] = frames[t, y1, x0:x1 + 1] = color
-            frames[t, y0:y1 + 1, x0] = frames[t, y0:y1 + 1, x1] = color
-    return frames
-
-
-def video_grid(rows, gap=2):
-    """Tile a list of rows, each a list of (T, H, W, 3) uint8 clips, into one clip."""
-    def hcat(clips):
-        pad = np.full((clips[0].shape[0], clips[0].shape[1], gap, 3), 255, np.uint8)
-        return np.concatenate(sum(([c, pad] for c in clips), [])[:-1], axis=2)
-    lines = [hcat(r) for r in rows]
-    pad = np.full((lines[0].shape[0], gap, lines[0].shape[2], 3), 255, np.uint8)
-    return np.concatenate(sum(([line, pad] for line in lines), [])[:-1], axis=1)
-
-
-VIDEO_FORMATS = (".gif", ".mp4")
-
-
-def check_video_path(path):
-    """Refuse, before any work is done, an output the video cannot be written
-    to: a format other than GIF/MP4, MP4 without imageio's ffmpeg plugin, or
-    a folder that cannot be made or written."""
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in VIDEO_FORMATS:
-        raise UserError(f"{path}: the video must be a .gif or an .mp4 file")
-    if extension == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise UserError(f"{path}: writing MP4 needs imageio's ffmpeg plugin (pip install imageio-ffmpeg); "
-                        f"or write a .gif")
-    check_writable(path)
-
-
-def save_video(path, frames, fps=8):
-    """Write (T, H, W, 3) uint8 frames as a looping GIF, or as an MP4."""
-    check_video_path(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.lower().endswith(".gif"):
-        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    else:  # H.264 players want sides in multiples of 16: pad with white, as between the grid's tiles
-        T, H, W = frames.shape[:3]
-        padded = np.full((T, -(-H // 16) * 16, -(-W // 16) * 16, 3), 255, np.uint8)
-        padded[:, :H, :W] = frames
-        iio.imwrite(path, padded, plugin="FFMPEG", fps=fps)
-
-
-def comparison_video(scenes, clips, indices, factor=4):
-    """Rows, one per scene index, of the true clip then each of `clips`
-    (B, T, 3, H, W), the scene's target boxes drawn over all: one uint8 clip."""
-    rows = []
-    for i in indices:
-        boxes = scenes["boxes"][i, :int(scenes["n_objects"][i])].numpy()
-        rows.append([draw_boxes(to_uint8(clip[i]), boxes, factor) for clip in [scenes["video"], *clips]])
-    return video_grid(rows)
-
+# ----------------------------------------------------------------- preview --
 
 def preview_sample(sample, factor=4):
     """One row of a preview: video with target boxes, box maps, mask maps."""
@@ -431,16 +354,15 @@ def preview_sample(sample, factor=4):
 
 
 FLAGS = dict(
-    config=("tiny", "micro | tiny | small: the video shape (model.CONFIGS)"),
+    config=("tiny", "micro | tiny | small: the clip shape (CLIP_SHAPES)"),
     n=(6, "how many random scenes"),
     seed=(0, "seed of the scenes"),
     out=("previews/data.gif", "the preview, .gif or .mp4"),
 )
 
 if __name__ == "__main__":
-    from model import CONFIGS, video_shape  # model.py holds the one table of configs
     opt = parse_flags(FLAGS, sys.argv[1:], __doc__)
-    require_one_of(opt, "config", CONFIGS)
+    require_one_of(opt, "config", CLIP_SHAPES)
     require_at_least(opt, ("n",))
     check_video_path(opt.out)
     batch = SpriteWorld(**video_shape(opt.config), batch_size=opt.n, seed=opt.seed).batch(0)

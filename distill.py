@@ -17,8 +17,8 @@ towards the teacher's. The fake score is updated every iteration, G every
 `--controlled=true` distils the slow generator and slow adapter together:
 the dmd-joint baseline, "DMD applied to the controlled model".
 
-    python distill.py                                  # tiny, on checkpoints/slow_generator_tiny.pt
-    python distill.py --controlled=true                # dmd-joint
+    python distill.py                                  # tiny: checkpoints/fast_generator_tiny.pt's recipe
+    python distill.py --controlled=true --max_steps=1200 --stop_at=0   # dmd-joint on the mask adapter
     torchrun --nproc_per_node=4 distill.py --config=small --teacher_ckpt=runs/slow_generator_small/ckpt.pt
     python distill.py --resume=true
 """
@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 import data
 from adapter import Controlled, adapter_from_checkpoint
-from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
-                    parse_flags, require_at_least, require_one_of, set_lr)
+from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
+                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
 from model import (CONFIGS, FAST_TIMES, TIME_SHIFT, add_noise, clean_estimate, config_dict, encode_first_frame,
                    fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss, generate,
-                   guided_velocity, model_from_checkpoint, sample_training_time, video_shape)
+                   guided_velocity, model_from_checkpoint, pick_step, sample_training_time)
+from video import comparison_video, save_video
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the teacher"),
@@ -44,11 +45,12 @@ FLAGS = dict(
     adapter_ckpt=("", "with --controlled: default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
     out_dir=("", "default runs/fast_generator_<config> (runs/dmd_joint_<config>)"),
     batch_size=(8, "clips per rank and iteration"),
-    max_steps=(1200, "iterations; one fake-score update each"),
-    stop_at=(0, "stop (with a checkpoint) after this iteration, to resume later; 0: run to max_steps"),
+    max_steps=(4000, "iterations (the paper's ~4K schedule); one fake-score update each"),
+    # tiny's fast generator stops at 1000, where it equals the slow one; more DMD makes it rougher (docs/results.md)
+    stop_at=(1000, "stop (with a checkpoint) after this iteration, to resume later; 0: run to max_steps"),
     time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
     ratio=(5, "fake-score updates per generator update (two time-scale rule)"),
-    lr_generator=(2e-5, "learning rate of the fast generator"),
+    lr_generator=(5e-5, "learning rate of the fast generator"),
     lr_fake=(1e-4, "learning rate of the fake score"),
     warmup=(50, "linear warmup iterations"),
     grad_clip=(1.0, "gradient norm clip"),
@@ -63,6 +65,7 @@ FLAGS = dict(
     compile=(torch.cuda.is_available(), "torch.compile the trained networks (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
 )
+RECIPES = {"small": dict(stop_at=0)}  # --config=small
 
 
 # ------------------------------------------------------ the score networks ---
@@ -74,7 +77,7 @@ def score_networks(opt, device):
     adapter's checkpoints (None without --controlled)."""
     teacher = load_checkpoint(opt.teacher_ckpt, kind="slow_generator")
     slow_generator = model_from_checkpoint(teacher).to(device).requires_grad_(False).eval()
-    if video_shape(slow_generator.cfg) != video_shape(opt.config):
+    if data.video_shape(slow_generator.cfg) != data.video_shape(opt.config):
         raise UserError(f"{opt.teacher_ckpt} is not a '{opt.config}' generator")
     real_score, adapter_ckpt = slow_generator, None
     if opt.controlled:
@@ -110,32 +113,59 @@ def dmd_loss(generated, fake_x0, real_x0):
 
 # ----------------------------------------------------- the two updates -----
 
-def generator_update(fast_generator, fake_score, real_score, x_k, t_k, cond, uncond, opt, noise_gen):
+def generator_update(fast_generator, fake_score, real_score, x_k, t_k, cond, uncond, opt, rng):
     """G's loss at step k of its sampler: its clean clip from x_k, re-noised
     to a random t, read by both scores. Returns (loss, the clip detached)."""
     device = x_k.device
     with autocast(device):
         generated = few_step_step(fast_generator, x_k, t_k, cond)  # (B, T, C, H, W), with grad
     with torch.no_grad(), autocast(device):
-        t = sample_training_time(len(x_k), noise_gen, device).clamp(opt.t_min, opt.t_max)
-        x_t = add_noise(generated.detach(), torch.randn(generated.shape, generator=noise_gen, device=device), t)
+        t = sample_training_time(len(x_k), rng, device).clamp(opt.t_min, opt.t_max)
+        x_t = add_noise(generated.detach(), torch.randn(generated.shape, generator=rng, device=device), t)
         fake_x0 = clean_estimate(x_t, fake_score(x_t, t, **cond), t)
         real_x0 = clean_estimate(x_t, guided_velocity(real_score, opt.guidance, cond, uncond)(x_t, t), t)
     return dmd_loss(generated, fake_x0, real_x0), generated.detach()
 
 
-def critic_loss(fake_score, clip, cond, noise_gen):
+def critic_loss(fake_score, clip, cond, rng):
     """The fake score's update: flow matching on G's clips, so that it tracks
     G's current distribution."""
     with autocast(clip.device):
-        return flow_matching_loss(fake_score, clip.float(), cond["first_frame"], noise_gen,
+        return flow_matching_loss(fake_score, clip.float(), cond["first_frame"], rng,
                                   **{key: value for key, value in cond.items() if key != "first_frame"})
 
 
 # ------------------------------------------------------------------ loop ---
 
+def conditions_of(batch, real_score, controlled, device):
+    """The scores' keyword arguments, and what guidance drops: the first
+    frame, or (dmd-joint) the trajectory in the maps the adapter reads."""
+    first = encode_first_frame(real_score, batch["video"][:, 0].to(device))
+    if not controlled:
+        return dict(first_frame=first), {"first_frame": None}
+    return (dict(first_frame=first, trajectory=real_score.trajectory(batch).to(device)),
+            {"traj_keep": torch.zeros(len(first), device=device)})
+
+
+def write_samples(real_score, ema_generator, opt, run):
+    """Held-out scenes: truth | teacher, 50 steps | teacher, 4 steps | fast generator (EMA), 4 steps."""
+    device = run.device
+    scenes = data.SpriteWorld(**data.video_shape(opt.config), batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
+    first = scenes["video"][:, 0].to(device)  # the samplers take pixels
+    cond = {key: value for key, value in conditions_of(scenes, real_score, opt.controlled, device)[0].items()
+            if key != "first_frame"}
+    seed = lambda: torch.Generator(device=device).manual_seed(0)
+    with autocast(device):
+        clips = [generate(real_score, first, steps=50, rng=seed(), **cond),
+                 generate(real_score, first, steps=4, rng=seed(), **cond),
+                 fast_generate(ema_generator, first, rng=seed(), **cond)]
+    path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
+    save_video(path, comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4)))
+    return path
+
+
 def main(argv):
-    opt = parse_flags(FLAGS, argv, __doc__)
+    opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
     require_one_of(opt, "config", CONFIGS)
     require_at_least(opt, ("batch_size", "max_steps", "ratio", "ckpt_interval"))
     if not 0 < opt.t_min < opt.t_max < 1:
@@ -150,13 +180,13 @@ def main(argv):
 
     teacher, adapter_ckpt, real_score, fast_generator, fake_score = score_networks(opt, device)
     ema_generator = copy.deepcopy(fast_generator).requires_grad_(False).eval()
-    opt_generator = torch.optim.AdamW(fast_generator.parameters(), lr=opt.lr_generator, betas=(0.0, 0.999),
-                                      weight_decay=0.0)
-    opt_fake = torch.optim.AdamW(fake_score.parameters(), lr=opt.lr_fake, betas=(0.0, 0.999), weight_decay=0.0)
+    optimizer_generator = torch.optim.AdamW(fast_generator.parameters(), lr=opt.lr_generator, betas=(0.0, 0.999),
+                                            weight_decay=0.0)
+    optimizer_fake = torch.optim.AdamW(fake_score.parameters(), lr=opt.lr_fake, betas=(0.0, 0.999), weight_decay=0.0)
     if run.saved is not None and run.saved["parent"] != teacher["run_id"]:
         raise UserError(f"{run.path} distils generator run {run.saved['parent']}, not {teacher['run_id']}")
-    run.restore(model=fast_generator, ema=ema_generator, fake_score=fake_score, opt_generator=opt_generator,
-                opt_fake=opt_fake)
+    run.restore(model=fast_generator, ema=ema_generator, fake_score=fake_score,
+                optimizer_generator=optimizer_generator, optimizer_fake=optimizer_fake)
     times = fast_times(device=device)
     if run.master:
         print(f"DMD {'(controlled: dmd-joint) ' if opt.controlled else ''}of {opt.teacher_ckpt}: generator and "
@@ -165,68 +195,37 @@ def main(argv):
               f"{run.world_size} rank(s), iteration {run.step}/{opt.max_steps}")
     train_generator, train_fake = run.wrap(fast_generator), run.wrap(fake_score)
 
-    shape = video_shape(opt.config)
-    batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed, rank=run.rank,
-                                           start=run.step))
-    noise_gen = torch.Generator(device=device)
-
-    def conditions_of(batch):
-        """The scores' keyword arguments, and what guidance drops: the first
-        frame, or (dmd-joint) the trajectory in the maps the adapter reads."""
-        first = encode_first_frame(real_score, batch["video"][:, 0].to(device))
-        if not opt.controlled:
-            return dict(first_frame=first), {"first_frame": None}
-        return (dict(first_frame=first, trajectory=real_score.trajectory(batch).to(device)),
-                {"traj_keep": torch.zeros(len(first), device=device)})
-
-    def write_samples():
-        """Held-out scenes: truth | teacher, 50 steps | teacher, 4 steps | fast generator (EMA), 4 steps."""
-        scenes = data.SpriteWorld(**shape, batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
-        first = scenes["video"][:, 0].to(device)  # the samplers take pixels
-        cond = {key: value for key, value in conditions_of(scenes)[0].items() if key != "first_frame"}
-        seed = lambda: torch.Generator(device=device).manual_seed(0)
-        with autocast(device):
-            clips = [generate(real_score, first, steps=50, generator=seed(), **cond),
-                     generate(real_score, first, steps=4, generator=seed(), **cond),
-                     fast_generate(ema_generator, first, generator=seed(), **cond)]
-        path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
-        data.save_video(path, data.comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4)))
-        return path
-
+    batches = run.batches(data.SpriteWorld(**data.video_shape(opt.config), batch_size=opt.batch_size, seed=opt.seed,
+                                           rank=run.rank, start=run.step))
+    rng = torch.Generator(device=device)
     for step in run.steps("stage 2 DMD"):
         batch = next(batches)
-        cond, uncond = conditions_of(batch)
-        noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
+        cond, uncond = conditions_of(batch, real_score, opt.controlled, device)
+        rng.manual_seed(noise_seed(opt.seed, run.rank, step))
         record = {}
 
-        # G's input by backward simulation: from pure noise, run G itself (no
-        # grad) for k steps. k is keyed on the iteration alone, so all ranks agree.
-        k = int(torch.randint(len(times), (1,), generator=torch.Generator().manual_seed(opt.seed * 7919 + step)))
-        noise = torch.randn((len(batch["video"]), *real_score.space), generator=noise_gen, device=device)
+        # G's input by backward simulation: from pure noise, run G itself (no grad) for k steps.
+        k = pick_step(opt.seed, step, len(times))
+        noise = torch.randn((len(batch["video"]), *real_score.space), generator=rng, device=device)
         with torch.no_grad(), autocast(device):
-            x_k = few_step_sample(fast_generator, noise, times, cond, noise_gen, stop_after=k)
+            x_k = few_step_sample(fast_generator, noise, times, cond, rng, stop_after=k)
 
         if step % opt.ratio == 0:  # the generator update, every `ratio` iterations
-            set_lr(opt_generator, lr_at(step // opt.ratio, opt.lr_generator, opt.warmup // opt.ratio,
-                                        opt.max_steps // opt.ratio))
+            set_lr(optimizer_generator, lr_at(step // opt.ratio, opt.lr_generator, opt.warmup // opt.ratio,
+                                              opt.max_steps // opt.ratio))
             loss, clip = generator_update(train_generator, fake_score, real_score, x_k, times[k], cond, uncond,
-                                          opt, noise_gen)
+                                          opt, rng)
             loss.backward()
-            record["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(fast_generator.parameters(),
-                                                                           opt.grad_clip).item()
-            opt_generator.step()
-            opt_generator.zero_grad(set_to_none=True)
+            record["generator_grad_norm"] = clipped_step(optimizer_generator, fast_generator, opt.grad_clip)
             ema_update(ema_generator, fast_generator, ema_decay_at(step, opt.ema_decay))
         else:
             with torch.no_grad(), autocast(device):
                 clip = few_step_step(fast_generator, x_k, times[k], cond)
 
-        set_lr(opt_fake, lr_at(step, opt.lr_fake, opt.warmup, opt.max_steps))  # the critic update, every iteration
-        loss_fake = critic_loss(train_fake, clip, cond, noise_gen)
+        set_lr(optimizer_fake, lr_at(step, opt.lr_fake, opt.warmup, opt.max_steps))  # the critic, every iteration
+        loss_fake = critic_loss(train_fake, clip, cond, rng)
         loss_fake.backward()
-        torch.nn.utils.clip_grad_norm_(fake_score.parameters(), opt.grad_clip)
-        opt_fake.step()
-        opt_fake.zero_grad(set_to_none=True)
+        clipped_step(optimizer_fake, fake_score, opt.grad_clip)
 
         record["fake_loss"] = round(loss_fake.item(), 5)
         if run.due(opt.ckpt_interval):
@@ -237,9 +236,9 @@ def main(argv):
                      adapter_config=real_score.adapter.config() if opt.controlled else None,
                      fast_times=FAST_TIMES, time_shift=TIME_SHIFT, model=fast_generator.state_dict(),
                      ema=ema_generator.state_dict(), fake_score=fake_score.state_dict(),
-                     opt_generator=opt_generator.state_dict(), opt_fake=opt_fake.state_dict())
+                     optimizer_generator=optimizer_generator.state_dict(), optimizer_fake=optimizer_fake.state_dict())
         if run.master and run.due(opt.sample_interval):
-            run.write(f"iteration {run.step}: samples in {write_samples()}")
+            run.write(f"iteration {run.step}: samples in {write_samples(real_score, ema_generator, opt, run)}")
         run.log(record, clips=opt.batch_size)
 
 

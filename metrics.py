@@ -136,15 +136,26 @@ def mean_of(results):
 
 
 # --------------------------------------------------------------- intervals --
+# Every figure of FlashBench carries a 95% percentile bootstrap interval over
+# its scenes: the scenes drawn again with replacement (another bench of the
+# same size). fvd.Reference draws its Frechet distances with the same draws.
+
+def bootstrap_draws(n, resamples, seed=0):
+    """(resamples, n) indices of n scenes drawn with replacement; the same (n, seed)
+    draws the same scenes, so two methods measured on the same scenes pair up."""
+    return torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def percentile_interval(values, level=0.95):
+    """The central `level` of bootstrap values (a tensor): [lo, hi]."""
+    tail = (1 - level) / 2
+    return torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=values.dtype)).tolist()
+
 
 def mean_interval(values, resamples=1000, level=0.95, seed=0):
-    """Percentile bootstrap interval of the mean of per-scene values (a list of
-    floats): the scenes drawn again with replacement `resamples` times (another
-    bench of the same size), the central `level` of the means: [lo, hi]."""
+    """Interval of the mean of per-scene values (a list of floats)."""
     values = torch.tensor(values, dtype=torch.float64)
-    draws = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
-    tail = (1 - level) / 2
-    return torch.quantile(values[draws].mean(1), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return percentile_interval(values[bootstrap_draws(len(values), resamples, seed)].mean(1), level)
 
 
 # ------------------------------------------------------------ video quality --

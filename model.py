@@ -4,12 +4,10 @@ A clip x (B, T, C, H, W) in [-1, 1] is cut into spatio-temporal patches, run
 through adaLN-Zero transformer blocks with full spatio-temporal attention and
 3D rotary positions, and turned back into a velocity of the same shape.
 
-Where the diffusion runs is the config's `codec` (docs/results.md, stage 0):
-"pixel" denoises the clip itself; "latent" the clip encoded per frame by a
-frozen autoencoder (autoencoder.py), as Wan does; "conv" the pixels again, but
-with a trained conv stem that halves the resolution before the patches and a
-conv head that draws the pixels after them (U-ViT / HDiT style). The token
-grid is the same for all three, so the transformer costs the same.
+Where the diffusion runs is the config's `codec`: "latent" (tiny, small)
+denoises the clip encoded per frame by a frozen autoencoder (autoencoder.py),
+as Wan does, which beat pixels in the stage-0 A/B (docs/results.md); "pixel"
+(micro, for the tests) the clip itself. The token grid is the same for both.
 
 Flow matching (rectified flow): x_t = (1 - t) x_0 + t * noise, t = 1 is pure
 noise, and the network predicts the velocity v = noise - x_0. Sampling
@@ -25,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from attention import flash_attention
+from autoencoder import FrameAutoencoder
+from data import CLIP_SHAPES
 
 
 @dataclass(frozen=True)
@@ -38,29 +38,22 @@ class DiTConfig:
     depth: int = 6
     heads: int = 3
     mlp_ratio: float = 4.0
-    codec: str = "pixel"        # pixel | latent | conv: where the diffusion runs (module docstring)
-    codec_down: int = 2         # latent, conv: spatial down-sampling before the patches
+    codec: str = "pixel"        # pixel | latent: where the diffusion runs (module docstring)
+    codec_down: int = 2         # latent: the autoencoder's spatial down-sampling
     codec_channels: int = 4     # latent: the autoencoder's latent channels
-    codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py); conv: the stem's and head's
+    codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py)
 
 
-# Every config by name: the video shape and the model size. `micro` exists for the tests.
-# tiny and small denoise the latent of autoencoder.py: it won the stage-0 A/B
-# (docs/results.md); micro stays in pixels so that the tests need no autoencoder.
+# Every config by name: the model size for data.CLIP_SHAPES' clips. micro
+# (the tests) stays in pixels so that the tests need no autoencoder.
 CONFIGS = {
-    "micro": DiTConfig(frames=4, size=16, dim=32, depth=2, heads=2),
-    "tiny": DiTConfig(frames=16, size=32, dim=96, depth=6, heads=3, codec="latent"),     # CPU, shipped
-    "small": DiTConfig(frames=16, size=64, dim=384, depth=12, heads=6, codec="latent"),  # one GPU
+    "micro": DiTConfig(**CLIP_SHAPES["micro"], dim=32, depth=2, heads=2),
+    "tiny": DiTConfig(**CLIP_SHAPES["tiny"], dim=96, depth=6, heads=3, codec="latent"),     # CPU, shipped
+    "small": DiTConfig(**CLIP_SHAPES["small"], dim=384, depth=12, heads=6, codec="latent"),  # one GPU
 }
 
 
-CODECS = ("pixel", "latent", "conv")
-
-
-def video_shape(config):
-    """{frames, size} of a config (a name or a DiTConfig): what data.SpriteWorld takes."""
-    cfg = CONFIGS[config] if isinstance(config, str) else config
-    return {"frames": cfg.frames, "size": cfg.size}
+CODECS = ("pixel", "latent")
 
 
 # ----------------------------------------------------------------- layers ---
@@ -142,36 +135,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
-class ConvStem(nn.Module):
-    """Per frame, (C_in, H, W) pixels to (width, H/down, W/down) features: the
-    convs see each pixel's neighbours, which a linear patch embedding does not."""
-
-    def __init__(self, c_in, width, down):
-        super().__init__()
-        layers = [nn.Conv2d(c_in, width, 3, padding=1), nn.SiLU()]
-        for _ in range(down.bit_length() - 1):
-            layers += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):  # (B, T, C_in, H, W) -> (B, T, width, H/down, W/down)
-        return rearrange(self.net(rearrange(x, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=x.shape[0])
-
-
-class ConvHead(nn.Module):
-    """Per frame, (width, H/down, W/down) features back to (C, H, W) pixels,
-    through convs at full resolution that can draw clean edges."""
-
-    def __init__(self, width, c_out, down):
-        super().__init__()
-        layers = []
-        for _ in range(down.bit_length() - 1):
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
-        self.net = nn.Sequential(*layers, nn.Conv2d(width, c_out, 3, padding=1))
-
-    def forward(self, x):  # (B, T, width, h, w) -> (B, T, C, H, W)
-        return rearrange(self.net(rearrange(x, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=x.shape[0])
-
-
 # ------------------------------------------------------------------ model ---
 
 # Standard deviation of sprite-world videos in [-1, 1] (measured: 0.347).
@@ -227,15 +190,8 @@ class VideoDiT(nn.Module):
         self.space = (cfg.frames, cfg.codec_channels, cfg.size // down, cfg.size // down) if latent else \
             (cfg.frames, cfg.channels, cfg.size, cfg.size)
         self.token_patch = (pt, p // down)
-        condition = 2 * self.space[1] + 1  # the noisy clip, the first frame, its presence flag
-        if cfg.codec == "conv":
-            self.stem = ConvStem(condition, cfg.codec_width, down)
-            self.head = ConvHead(cfg.codec_width, cfg.channels, down)
-            token_in = token_out = cfg.codec_width
-        else:
-            token_in, token_out = condition, self.space[1]
+        token_in, token_out = 2 * self.space[1] + 1, self.space[1]  # in: the noisy clip, the first frame, its flag
         if latent:
-            from autoencoder import FrameAutoencoder  # here, not at the top: autoencoder.py imports this file
             self.autoencoder = FrameAutoencoder(down, cfg.codec_channels, cfg.codec_width).requires_grad_(False)
             # Per-channel statistics of real latents (attach_autoencoder sets them).
             self.register_buffer("latent_mean", torch.zeros(cfg.codec_channels))
@@ -254,7 +210,7 @@ class VideoDiT(nn.Module):
 
     def initialize_weights(self):
         for module in self.modules():
-            if isinstance(module, nn.Linear):  # the transformer's; the convs keep PyTorch's init
+            if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
@@ -351,8 +307,6 @@ class VideoDiT(nn.Module):
         given = self.frame_given(x_t, first_frame, keep)
         x_in = x_t if given is None else self.pin_first_frame(x_t, first_frame, given)
         x_in = self.condition_channels(input_scale(t) * x_in, first_frame, keep)  # (B, T, 2C+1, H, W)
-        if self.cfg.codec == "conv":
-            x_in = self.stem(x_in)  # (B, T, width, H/down, W/down)
         return self.patch_embed(self.patchify(x_in)), self.time_embed(t)
 
     def forward(self, x_t, t, first_frame, keep=None, token_residual=None, block_residuals=None,
@@ -371,9 +325,7 @@ class VideoDiT(nn.Module):
             if return_features:
                 features.append(x)
         shift, scale = self.final_ada_ln(c).chunk(2, dim=-1)
-        x0 = self.unpatchify(self.final_linear(modulate(self.final_norm(x), shift, scale)))
-        if self.cfg.codec == "conv":
-            x0 = self.head(x0)  # (B, T, C, H, W)
+        x0 = self.unpatchify(self.final_linear(modulate(self.final_norm(x), shift, scale)))  # (B, *self.space)
         velocity = (x_t - x0.to(x_t.dtype)) / t.clamp(min=T_MIN).view(-1, 1, 1, 1, 1).to(x_t.dtype)
         if given is not None:
             velocity = self.pin_velocity(velocity, x_t, t, first_frame, given)
@@ -381,7 +333,7 @@ class VideoDiT(nn.Module):
 
 
 def build_model(name_or_cfg, **overrides):
-    """A fresh VideoDiT from a config name (or DiTConfig), with fields overridden (e.g. codec="conv")."""
+    """A fresh VideoDiT from a config name (or DiTConfig), with fields overridden (e.g. codec_width=8)."""
     cfg = CONFIGS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
     return VideoDiT(replace(cfg, **overrides))
 
@@ -421,9 +373,9 @@ def shift_time(t, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_training_time(batch, generator=None, device="cpu", shift=TIME_SHIFT):
+def sample_training_time(batch, rng=None, device="cpu"):
     """Training t: uniform, then shifted like the sampler's steps."""
-    return shift_time(torch.rand(batch, generator=generator, device=device), shift)
+    return shift_time(torch.rand(batch, generator=rng, device=device), TIME_SHIFT)
 
 
 def add_noise(x0, noise, t):
@@ -436,25 +388,25 @@ def clean_estimate(x_t, velocity, t):
     return x_t - t.view(-1, *([1] * (x_t.dim() - 1))) * velocity
 
 
-def flow_matching_loss(model, video, first_frame, generator=None, cond_drop_prob=0.0,
-                       t=None, noise=None, shift=TIME_SHIFT, **hooks):
+def flow_matching_loss(model, video, first_frame, rng=None, cond_drop_prob=0.0,
+                       t=None, noise=None, **hooks):
     """MSE between predicted and true velocity. The first frame is dropped for
     a fraction of samples so the same network also gives the unconditional
     prediction that classifier-free guidance needs."""
     B = video.shape[0]
     if t is None:
-        t = sample_training_time(B, generator, video.device, shift)
+        t = sample_training_time(B, rng, video.device)
     if noise is None:
-        noise = torch.randn(video.shape, generator=generator, device=video.device)
-    keep = (torch.rand(B, generator=generator, device=video.device) >= cond_drop_prob).float()
+        noise = torch.randn(video.shape, generator=rng, device=video.device)
+    keep = (torch.rand(B, generator=rng, device=video.device) >= cond_drop_prob).float()
     x_t = add_noise(video, noise, t)
     velocity = model(x_t, t, first_frame, keep=keep, **hooks)
     return F.mse_loss(velocity.float(), (noise - video).float())
 
 
-def sampling_times(steps, shift=TIME_SHIFT, device="cpu"):
+def sampling_times(steps, device="cpu"):
     """steps + 1 times from 1 (noise) to 0 (data), shifted."""
-    return shift_time(torch.linspace(1, 0, steps + 1, device=device), shift)
+    return shift_time(torch.linspace(1, 0, steps + 1, device=device), TIME_SHIFT)
 
 
 def guided_velocity(model, guidance, cond, uncond):
@@ -481,17 +433,16 @@ def euler_sample(velocity_fn, noise, times):
 
 
 @torch.no_grad()
-def generate(model, first_frame, steps=50, shift=TIME_SHIFT, guidance=1.0, generator=None, uncond=None,
-             **conditions):
+def generate(model, first_frame, steps=50, guidance=1.0, rng=None, uncond=None, **conditions):
     """A clip from a pixel first frame (B, C, H, W): pixels (B, T, C, H, W) in
     [-1, 1], sampled in the model's space (encode, sample, decode). model is
     the generator or anything called like it (adapter.Controlled); conditions
     are its extra keyword arguments; guidance drops the first frame unless
     uncond says what else to drop."""
-    times = sampling_times(steps, shift, first_frame.device)
+    times = sampling_times(steps, first_frame.device)
     cond = dict(first_frame=encode_first_frame(model, first_frame), **conditions)
     velocity = guided_velocity(model, guidance, cond, {"first_frame": None} if uncond is None else uncond)
-    return model.decode(euler_sample(velocity, initial_noise(model, first_frame, generator), times)).clamp(-1, 1)
+    return model.decode(euler_sample(velocity, initial_noise(model, first_frame, rng), times)).clamp(-1, 1)
 
 
 def encode_first_frame(model, frame):
@@ -499,9 +450,9 @@ def encode_first_frame(model, frame):
     return model.encode(frame[:, None])[:, 0]
 
 
-def initial_noise(model, first_frame, generator):
+def initial_noise(model, first_frame, rng):
     """Pure noise (B, *model.space), where every sampler starts."""
-    return torch.randn((first_frame.shape[0], *model.space), generator=generator, device=first_frame.device)
+    return torch.randn((first_frame.shape[0], *model.space), generator=rng, device=first_frame.device)
 
 
 # ------------------------------------------------------ few-step sampler ----
@@ -511,8 +462,8 @@ def initial_noise(model, first_frame, generator):
 FAST_TIMES = (1.0, 0.75, 0.5, 0.25)
 
 
-def fast_times(shift=TIME_SHIFT, device="cpu"):
-    return shift_time(torch.tensor(FAST_TIMES, device=device), shift)
+def fast_times(device="cpu"):
+    return shift_time(torch.tensor(FAST_TIMES, device=device), TIME_SHIFT)
 
 
 def few_step_step(model, x, t, conditions):
@@ -521,7 +472,13 @@ def few_step_step(model, x, t, conditions):
     return clean_estimate(x, model(x, t, **conditions), t)
 
 
-def few_step_sample(model, noise, times, conditions, generator=None, stop_after=None):
+def pick_step(seed, iteration, steps):
+    """Which step k of the few-step list a training iteration trains (backward
+    simulation), keyed on the iteration alone, so that all ranks agree."""
+    return int(torch.randint(steps, (1,), generator=torch.Generator().manual_seed(seed * 7919 + iteration)))
+
+
+def few_step_sample(model, noise, times, conditions, rng=None, stop_after=None):
     """The fast generator's sampler (DMD2): at each time predict the clean
     clip, then re-noise it to the next time with fresh noise. stop_after=k
     returns after k steps the noisy clip at times[k], the input of step k
@@ -532,15 +489,15 @@ def few_step_sample(model, noise, times, conditions, generator=None, stop_after=
             return x
         x0 = few_step_step(model, x, t, conditions)
         if k + 1 < len(times):
-            fresh = torch.randn(x.shape, generator=generator, device=x.device)
+            fresh = torch.randn(x.shape, generator=rng, device=x.device)
             x = add_noise(x0, fresh, times[k + 1].expand(x.shape[0]))
     return x0
 
 
 @torch.no_grad()
-def fast_generate(model, first_frame, generator=None, shift=TIME_SHIFT, **conditions):
+def fast_generate(model, first_frame, rng=None, **conditions):
     """A clip in len(FAST_TIMES) steps from a pixel first frame: pixels (B, T, C, H, W) in [-1, 1]."""
-    times = fast_times(shift, first_frame.device)
-    clip = few_step_sample(model, initial_noise(model, first_frame, generator), times,
-                           dict(first_frame=encode_first_frame(model, first_frame), **conditions), generator)
+    times = fast_times(first_frame.device)
+    clip = few_step_sample(model, initial_noise(model, first_frame, rng), times,
+                           dict(first_frame=encode_first_frame(model, first_frame), **conditions), rng)
     return model.decode(clip).clamp(-1, 1)

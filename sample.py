@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import data
-from adapter import ADAPTERS, CONDITIONS, Controlled, adapter_from_checkpoint, joint_from_checkpoint
+from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION, Controlled, adapter_from_checkpoint, joint_from_checkpoint
 from common import UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of
 from model import CONFIGS, fast_generate, generate, model_from_checkpoint
 from scenes import scene_batch
+from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
 
 # name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family
 # and {maps} the maps it reads: "_mask" for mask maps, "" for box maps (the paper's final condition).
@@ -79,7 +79,7 @@ def check_method(name):
         raise UserError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
 
 
-def checkpoint_paths(name, config, adapter_kind, condition="mask", folder="checkpoints"):
+def checkpoint_paths(name, config, adapter_kind, condition=DEFAULT_CONDITION, folder="checkpoints"):
     """The checkpoint files a method needs: [generator] or [generator, adapter]."""
     generator, adapter, _, _ = METHODS[name]
     maps = "_mask" if condition == "mask" else ""
@@ -87,7 +87,7 @@ def checkpoint_paths(name, config, adapter_kind, condition="mask", folder="check
     return [os.path.join(folder, f"{n}_{config}.pt") for n in names]
 
 
-def load_method(name, config="tiny", adapter_kind="controlnet", condition="mask", folder="checkpoints",
+def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAULT_CONDITION, folder="checkpoints",
                 device="cpu", teacher_steps=TEACHER_STEPS):
     """A Method, its networks loaded from `folder` in eval mode on `device`;
     its adapter reads `condition` maps (mask | box)."""
@@ -123,15 +123,15 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
         conditions = {}
         if method.controlled:
             conditions["trajectory"] = model.trajectory(scenes)[start:start + batch_size]
-        generator = torch.Generator(device=first.device).manual_seed(seed + start)
+        rng = torch.Generator(device=first.device).manual_seed(seed + start)
         begin = time.perf_counter()
         if method.sampler == "few-step":
-            video = fast_generate(model, first, generator, **conditions)
+            video = fast_generate(model, first, rng, **conditions)
         else:
             if method.controlled:
                 conditions["uncond"] = {"traj_keep": torch.zeros(len(first), device=first.device)}
             video = generate(model, first, steps=steps, guidance=guidance if method.controlled else 1.0,
-                             generator=generator, **conditions)
+                             rng=rng, **conditions)
         seconds += time.perf_counter() - begin
         videos.append(video)
     return torch.cat(videos), seconds / len(scenes["video"])
@@ -142,14 +142,22 @@ FLAGS = dict(
     steps=(int, "denoising steps; default the method's own (4 for the fast methods, 50 for the teacher)"),
     scene=("scenes/default.json", "the scene file (scenes.py)"),
     seed=(0, "seed of the noise: the same seed gives the same video"),
-    out=("", "the video, .gif or .mp4; default samples/<method>_<scene>.gif"),
+    out=("", "the video, .gif or .mp4; default samples/<method>_<scene>[_<adapter>][_<condition>].gif"),
     adapter=("controlnet", "controlnet | lora: the adapter family"),
-    condition=("mask", "mask | box: the maps its adapter reads (box maps: the paper's final condition)"),
+    condition=(DEFAULT_CONDITION, "mask | box: the maps its adapter reads (box maps: the paper's final condition)"),
     guidance=(3.0, "trajectory guidance (CFG) of the Euler methods, as bench.py"),
     config=("tiny", "micro | tiny | small: which checkpoints"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     device=("cpu", "cpu | cuda"),
 )
+
+
+def default_out(opt):
+    """samples/<method>_<scene>.gif, with the adapter family and the maps where they are not the defaults."""
+    name = os.path.splitext(os.path.basename(opt.scene))[0]
+    family = [value for value, default in ((opt.adapter, "controlnet"), (opt.condition, DEFAULT_CONDITION))
+              if value != default]
+    return os.path.join("samples", "_".join([opt.method, name, *family]) + ".gif")
 
 
 def main(argv):
@@ -162,17 +170,15 @@ def main(argv):
     device = pick_device(opt.device)
     if METHODS[opt.method][2] == "few-step" and opt.steps not in (None, 4):
         raise UserError(f"method '{opt.method}' is a 4-step model: --steps must be 4 (or left out)")
-    name = os.path.splitext(os.path.basename(opt.scene))[0]
-    out = opt.out or os.path.join("samples", f"{opt.method}_{name}.gif")
-    data.check_video_path(out)  # before any work: a bad --out loses nothing
+    out = opt.out or default_out(opt)
+    check_video_path(out)  # before any work: a bad --out loses nothing
     scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
     method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device)
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, opt.steps, opt.guidance, opt.seed)
     maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]
     boxes = scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy()
-    data.save_video(out, data.video_grid([[data.draw_boxes(data.to_uint8(video[0]), boxes, 8),
-                                           data.upscale(data.maps_to_uint8(maps[0]), 8)]]))
+    save_video(out, video_grid([[draw_boxes(to_uint8(video[0]), boxes, 8), upscale(maps_to_uint8(maps[0]), 8)]]))
     print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
           f"wrote {out}")
 

@@ -24,7 +24,6 @@ from einops import rearrange
 
 import data
 from common import UserError
-from model import video_shape
 
 
 # ------------------------------------------------------------- scene files --
@@ -201,7 +200,7 @@ def scene_batch(paths, config, need_truth=False):
     checked before anything is generated. need_truth refuses scenes with a
     first frame of their own: they have no true clip and no object colours
     to measure."""
-    shape = video_shape(config)
+    shape = data.video_shape(config)
     samples = []
     for path in paths:
         scene = load_scene(path)

@@ -1,8 +1,8 @@
 """Stage 0: pretrain the slow generator, an image-to-video DiT (model.py)
 trained with flow matching on the sprite world (or on a folder of your own clips).
 
-    python train.py                                   # tiny config, CPU or one GPU
-    python train.py --config=small --batch_size=64    # one GPU
+    python train.py                                   # tiny: checkpoints/slow_generator_tiny.pt's recipe
+    python train.py --config=small                    # one GPU
     torchrun --nproc_per_node=4 train.py --config=small
     python train.py --resume=true                     # continue exactly where it stopped
 
@@ -19,30 +19,29 @@ import sys
 import torch
 
 import data
-from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
-                    parse_flags, require_at_least, require_one_of, set_lr)
-from model import (CODECS, CONFIGS, TIME_SHIFT, attach_autoencoder, build_model, config_dict, flow_matching_loss,
-                   generate, video_shape)
+from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
+                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
+from model import CONFIGS, attach_autoencoder, build_model, config_dict, flow_matching_loss, generate
 from scenes import ClipFolder
+from video import comparison_video, save_video
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: video shape and model size (model.CONFIGS)"),
-    codec=("", "pixel | latent | conv: where the diffusion runs (model.py); empty: the config's"),
-    autoencoder=("checkpoints/autoencoder_<config>.pt", "the frozen autoencoder of --codec=latent (autoencoder.py)"),
+    autoencoder=("checkpoints/autoencoder_<config>.pt", "the frozen autoencoder of a latent config (autoencoder.py)"),
     out_dir=("", "default runs/slow_generator_<config>"),
     data_dir=("", "a folder of your own clips (scenes.ClipFolder); empty: the sprite world"),
-    batch_size=(16, "clips per rank and micro-step"),
+    batch_size=(128, "clips per rank and micro-step"),
     grad_accum=(1, "micro-steps per optimizer step"),
-    max_steps=(20000, "length of the lr schedule"),
-    stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
+    max_steps=(4800, "length of the lr schedule"),
+    # The shipped tiny run stopped at its 4-minute time limit at step 3977; this replays it.
+    stop_at=(3977, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
     time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
-    lr=(5e-4, "peak learning rate"),
+    lr=(8e-4, "peak learning rate"),
     warmup=(200, "linear warmup steps"),
     weight_decay=(0.01, "AdamW weight decay"),
     grad_clip=(1.0, "gradient norm clip"),
     ema_decay=(0.999, "EMA of the weights, what is exported"),
     cond_drop_prob=(0.1, "first frame dropped this often, for classifier-free guidance"),
-    time_shift=(TIME_SHIFT, "timestep shift of training and the sample GIFs (model.py)"),
     ckpt_interval=(250, "checkpoint every this many steps"),
     sample_interval=(1000, "a GIF of held-out scenes every this many steps (0: never)"),
     sample_steps=(50, "Euler steps of the sample GIFs"),
@@ -52,31 +51,46 @@ FLAGS = dict(
     compile=(torch.cuda.is_available(), "torch.compile the training model (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
 )
+RECIPES = {"small": dict(batch_size=64, max_steps=40000, stop_at=0)}  # --config=small
 
 
-def main(argv):
-    opt = parse_flags(FLAGS, argv, __doc__)
-    require_one_of(opt, "config", CONFIGS)
-    if opt.codec:
-        require_one_of(opt, "codec", CODECS)
-    require_at_least(opt, ("batch_size", "grad_accum", "max_steps", "ckpt_interval"))
-    opt.out_dir = opt.out_dir or f"runs/slow_generator_{opt.config}"
-    run = Run(opt, kind="slow_generator")
-    device = run.device
-
-    model = build_model(opt.config, **({"codec": opt.codec} if opt.codec else {}))
+def slow_generator(opt, run):
+    """A fresh DiT of the config, holding the frozen autoencoder where it runs on latents."""
+    model = build_model(opt.config)
     if model.cfg.codec == "latent":
         path = opt.autoencoder.replace("<config>", opt.config)
         try:
             attach_autoencoder(model, load_checkpoint(path, kind="autoencoder"))
         except ValueError as e:
             raise UserError(f"--autoencoder {path}: {e}") from None
-    model = model.to(device)
+    if run.saved is not None and run.saved["model_config"] != config_dict(model):
+        raise UserError(f"{run.path} was trained with another model config: {run.saved['model_config']}")
+    return model.to(run.device)
+
+
+def write_samples(ema_model, opt, run):
+    """Held-out scenes: ground truth | EMA model's video from the same first frame, boxes drawn on both."""
+    scenes = data.SpriteWorld(**data.video_shape(opt.config), batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
+    with autocast(run.device):
+        generated = generate(ema_model, scenes["video"][:, 0].to(run.device), steps=opt.sample_steps,
+                             guidance=opt.sample_guidance, rng=torch.Generator(device=run.device).manual_seed(0))
+    path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
+    save_video(path, comparison_video(scenes, [generated.cpu()], range(4)))
+    return path
+
+
+def main(argv):
+    opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
+    require_one_of(opt, "config", CONFIGS)
+    require_at_least(opt, ("batch_size", "grad_accum", "max_steps", "ckpt_interval"))
+    opt.out_dir = opt.out_dir or f"runs/slow_generator_{opt.config}"
+    run = Run(opt, kind="slow_generator")
+    device = run.device
+
+    model = slow_generator(opt, run)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     trained = [p for p in model.parameters() if p.requires_grad]  # not the frozen autoencoder
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
-    if run.saved is not None and run.saved["model_config"] != config_dict(model):
-        raise UserError(f"{run.path} was trained with another model config: {run.saved['model_config']}")
     run.restore(model=model, ema=ema_model, optimizer=optimizer)
     if run.master:
         print(f"slow generator '{opt.config}' ({model.cfg.codec}): "
@@ -84,23 +98,12 @@ def main(argv):
               f"tokens {model.grid}, device {device}, {run.world_size} rank(s), step {run.step}/{opt.max_steps}")
     train_model = run.wrap(model)
 
-    shape = video_shape(opt.config)
+    shape = data.video_shape(opt.config)
     # Resuming at step s starts the stream at micro-batch s * grad_accum.
     stream_args = dict(batch_size=opt.batch_size, seed=opt.seed, rank=run.rank, start=run.step * opt.grad_accum)
     batches = run.batches(ClipFolder(opt.data_dir, **shape, **stream_args) if opt.data_dir
                           else data.SpriteWorld(**shape, **stream_args))
-    noise_gen = torch.Generator(device=device)
-
-    def write_samples():
-        """Held-out scenes: ground truth | EMA model's video from the same first frame, boxes drawn on both."""
-        scenes = data.SpriteWorld(**shape, batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
-        with autocast(device):
-            generated = generate(ema_model, scenes["video"][:, 0].to(device), steps=opt.sample_steps,
-                                 shift=opt.time_shift, guidance=opt.sample_guidance,
-                                 generator=torch.Generator(device=device).manual_seed(0))
-        path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
-        data.save_video(path, data.comparison_video(scenes, [generated.cpu()], range(4)))
-        return path
+    rng = torch.Generator(device=device)
 
     model.train()
     for step in run.steps("stage 0"):
@@ -108,24 +111,21 @@ def main(argv):
         loss_sum = 0.0
         for micro in range(opt.grad_accum):
             video = model.encode(next(batches)["video"].to(device, non_blocking=True))  # (B, *model.space)
-            noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step * opt.grad_accum + micro))
+            rng.manual_seed(noise_seed(opt.seed, run.rank, step * opt.grad_accum + micro))
             # DDP all-reduces gradients only on the last micro-step.
             last = run.world_size == 1 or micro == opt.grad_accum - 1
             with contextlib.nullcontext() if last else train_model.no_sync(), autocast(device):
-                loss = flow_matching_loss(train_model, video, video[:, 0], noise_gen, opt.cond_drop_prob,
-                                          shift=opt.time_shift)
+                loss = flow_matching_loss(train_model, video, video[:, 0], rng, opt.cond_drop_prob)
             (loss / opt.grad_accum).backward()
             loss_sum += loss.item() / opt.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(optimizer, model, opt.grad_clip)
         ema_update(ema_model, model, ema_decay_at(step, opt.ema_decay))
 
         if run.due(opt.ckpt_interval):
             run.save(model, parent=None, model_config=config_dict(model), model=model.state_dict(),
                      ema=ema_model.state_dict(), optimizer=optimizer.state_dict())
         if run.master and run.due(opt.sample_interval):
-            run.write(f"step {run.step}: samples in {write_samples()}")
+            run.write(f"step {run.step}: samples in {write_samples(ema_model, opt, run)}")
         run.log({"loss": round(loss_sum, 5), "grad_norm": round(grad_norm, 4), "lr": lr},
                 clips=opt.batch_size * opt.grad_accum)
 

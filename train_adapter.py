@@ -2,15 +2,14 @@
 
 The loss is the generator's own flow-matching loss, now with the trajectory
 maps as a condition: the adapter learns what the generator needs to be told
-so that each object follows its boxes (or masks). The trajectory is dropped
+so that each object follows its masks (or boxes). The trajectory is dropped
 for a fraction of the samples (maps zeroed, presence flag 0), so that
 classifier-free guidance on the trajectory works at sampling.
 
-    python train_adapter.py                        # ControlNet on checkpoints/slow_generator_tiny.pt
-    python train_adapter.py --adapter=lora --condition=mask
-    python train_adapter.py --mask_first=0.46      # mask maps for 46% of the steps, then box maps
-    python train_adapter.py --condition=mask --init_from=checkpoints/slow_adapter_controlnet_tiny.pt
-                                                   # a box adapter, continued on mask maps
+    python train_adapter.py                  # the shipped mask ControlNet: the box one, 600 steps on mask maps
+    python train_adapter.py --adapter=lora   # the same for the LoRA adapter
+    python train_adapter.py --condition=box --mask_first=0.46 --max_steps=4000 --lr=5e-4 --warmup=100
+                                             # the box adapter: mask maps for 46% of the steps, then box maps
     torchrun --nproc_per_node=4 train_adapter.py --config=small --generator_ckpt=runs/slow_generator_small/ckpt.pt
     python train_adapter.py --resume=true
 
@@ -25,34 +24,37 @@ import torch
 
 import data
 import metrics
-from adapter import ADAPTERS, CONDITIONS, Controlled, adapter_from_checkpoint, build_adapter
-from common import (Run, UserError, autocast, ema_decay_at, ema_update, load_checkpoint, lr_at, noise_seed,
-                    parse_flags, require_at_least, require_one_of, set_lr)
-from model import CONFIGS, config_dict, flow_matching_loss, generate, model_from_checkpoint, video_shape
+from adapter import (ADAPTERS, CONDITIONS, DEFAULT_CONDITION, LORA_RANK, Controlled, adapter_from_checkpoint,
+                     build_adapter)
+from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
+                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
+from model import CONFIGS, config_dict, flow_matching_loss, generate, model_from_checkpoint
+from video import comparison_video, save_video
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the generator"),
     generator_ckpt=("", "the slow generator; default checkpoints/slow_generator_<config>.pt"),
     adapter=("controlnet", "controlnet | lora"),
-    condition=("box", "box | mask: which trajectory maps steer the objects"),
-    mask_first=(0.0, "with box maps: read mask maps for this fraction of the steps first (the paper: masks, then boxes)"),
-    init_from=("", "start from this adapter checkpoint's EMA weights (same kind, same generator; "
-                   "its maps may differ): a short run moves a box adapter to mask maps"),
+    condition=(DEFAULT_CONDITION, "mask | box: which trajectory maps steer the objects"),
+    mask_first=(0.0, "with box maps: read mask maps for this share of the steps first (the paper: masks, then boxes)"),
+    init_from=("", "start from this adapter checkpoint's EMA weights (same kind, same generator; its maps may "
+                   "differ); default with mask maps: the box adapter checkpoints/slow_adapter_<adapter>_<config>.pt; "
+                   "none: from scratch"),
     controlnet_blocks=(0, "blocks copied into the ControlNet; 0: half the generator's depth"),
-    lora_rank=(16, "rank of the LoRA updates"),
-    out_dir=("", "default runs/slow_adapter_<adapter>_<config>"),
-    batch_size=(16, "clips per rank and step"),
-    max_steps=(4000, "length of the lr schedule"),
+    lora_rank=(LORA_RANK, "rank of the LoRA updates"),
+    out_dir=("", "default runs/slow_adapter_<adapter>[_mask]_<config>"),
+    batch_size=(32, "clips per rank and step"),
+    max_steps=(600, "length of the lr schedule"),
     stop_at=(0, "stop (with a checkpoint) after this step, to resume later; 0: run to max_steps"),
     time_limit=(0.0, "minutes: stop (with a checkpoint) after this long, to resume later; 0: no limit"),
-    lr=(5e-4, "peak learning rate"),
-    warmup=(100, "linear warmup steps"),
+    lr=(2e-4, "peak learning rate"),
+    warmup=(50, "linear warmup steps"),
     weight_decay=(0.0, "AdamW weight decay"),
     grad_clip=(1.0, "gradient norm clip"),
     ema_decay=(0.995, "EMA of the adapter weights, what is exported"),
     traj_drop_prob=(0.1, "trajectory dropped this often, for classifier-free guidance"),
     ckpt_interval=(100, "checkpoint every this many steps"),
-    sample_interval=(500, "held-out mIoU and a GIF every this many steps (0: never)"),
+    sample_interval=(300, "held-out mIoU and a GIF every this many steps (0: never)"),
     sample_steps=(50, "Euler steps of the held-out samples"),
     sample_guidance=(1.0, "trajectory guidance of the held-out samples"),
     eval_scenes=(16, "held-out scenes measured"),
@@ -61,6 +63,7 @@ FLAGS = dict(
     compile=(torch.cuda.is_available(), "torch.compile the training model (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
 )
+RECIPES = {"small": dict(max_steps=1500)}  # --config=small
 
 
 @torch.no_grad()
@@ -76,12 +79,12 @@ def held_out(model, scenes, steps, guidance=1.0, use_adapter=True):
                           uncond={"traj_keep": torch.zeros(len(first), device=device)})
     with autocast(device):
         videos = generate(model, first, steps=steps, guidance=guidance if use_adapter else 1.0,
-                          generator=torch.Generator(device=device).manual_seed(0), **conditions)
+                          rng=torch.Generator(device=device).manual_seed(0), **conditions)
     return videos.float().cpu(), metrics.mean_of(metrics.batch_trajectory_accuracy(videos.cpu(), scenes))
 
 
-def main(argv):
-    opt = parse_flags(FLAGS, argv, __doc__)
+def check_flags(opt):
+    """Refuse wrong flags, and fill in the defaults that depend on others."""
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "condition", CONDITIONS)
     require_one_of(opt, "adapter", ADAPTERS)
@@ -89,27 +92,24 @@ def main(argv):
     if not 0 <= opt.mask_first < 1 or (opt.mask_first and opt.condition != "box"):
         raise UserError(f"--mask_first must be in [0, 1), and 0 unless --condition=box; got {opt.mask_first}")
     opt.generator_ckpt = opt.generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
-    opt.out_dir = opt.out_dir or f"runs/slow_adapter_{opt.adapter}_{opt.config}"
-    run = Run(opt, kind="slow_adapter")
-    device = run.device
+    if not opt.init_from:  # a mask adapter continues the box one (it already read mask maps for --mask_first)
+        opt.init_from = f"checkpoints/slow_adapter_{opt.adapter}_{opt.config}.pt" if opt.condition == "mask" else "none"
+    maps = "_mask" if opt.condition == "mask" else ""
+    opt.out_dir = opt.out_dir or f"runs/slow_adapter_{opt.adapter}{maps}_{opt.config}"
 
-    # ------------------------------------------------ the frozen generator ---
-    parent = load_checkpoint(opt.generator_ckpt, kind="slow_generator")
-    generator = model_from_checkpoint(parent).to(device).requires_grad_(False).eval()
-    if video_shape(generator.cfg) != video_shape(opt.config):
-        raise UserError(f"{opt.generator_ckpt} is not a '{opt.config}' generator: {parent['model_config']}")
 
-    # --------------------------------------------------------- the adapter ---
-    adapter = build_adapter(opt.adapter, generator, opt.condition, opt.controlnet_blocks, opt.lora_rank).to(device)
+def adapters(opt, run, generator, parent):
+    """The adapter to train and its EMA: fresh, or warm from --init_from, or as the run left them."""
+    adapter = build_adapter(opt.adapter, generator, opt.condition, opt.controlnet_blocks, opt.lora_rank)
+    adapter = adapter.to(run.device)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
-    if run.saved is not None and (run.saved["parent"] != parent["run_id"] or
-                                  run.saved["adapter_config"] != adapter.config() or
-                                  run.saved["condition"] != opt.condition):
-        raise UserError(f"{run.path} is a {run.saved['adapter_config']} adapter reading {run.saved['condition']} "
-                        f"maps, of generator run {run.saved['parent']}; this run asks for {adapter.config()} "
+    saved = run.saved
+    if saved is not None and (saved["parent"] != parent["run_id"] or saved["adapter_config"] != adapter.config()
+                              or saved["condition"] != opt.condition):
+        raise UserError(f"{run.path} is a {saved['adapter_config']} adapter reading {saved['condition']} "
+                        f"maps, of generator run {saved['parent']}; this run asks for {adapter.config()} "
                         f"reading {opt.condition} maps on run {parent['run_id']}")
-    if opt.init_from and run.saved is None:
+    if opt.init_from != "none" and saved is None:
         # The adapter is the same network whichever maps it reads (--mask_first switches them mid-run),
         # so a box adapter is a warm start for a mask one.
         source = load_checkpoint(opt.init_from, kind="slow_adapter")
@@ -119,6 +119,21 @@ def main(argv):
         warm = adapter_from_checkpoint(source, generator, parent).state_dict()  # refuses another generator's
         adapter.load_state_dict(warm)
         ema_adapter.load_state_dict(warm)
+    return adapter, ema_adapter
+
+
+def main(argv):
+    opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
+    check_flags(opt)
+    run = Run(opt, kind="slow_adapter")
+    device = run.device
+
+    parent = load_checkpoint(opt.generator_ckpt, kind="slow_generator")
+    generator = model_from_checkpoint(parent).to(device).requires_grad_(False).eval()
+    if data.video_shape(generator.cfg) != data.video_shape(opt.config):
+        raise UserError(f"{opt.generator_ckpt} is not a '{opt.config}' generator: {parent['model_config']}")
+    adapter, ema_adapter = adapters(opt, run, generator, parent)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=opt.lr, betas=(0.9, 0.99), weight_decay=opt.weight_decay)
     run.restore(model=adapter, ema=ema_adapter, optimizer=optimizer)
     if run.master:
         print(f"{opt.adapter} adapter ({opt.condition} maps): "
@@ -128,10 +143,10 @@ def main(argv):
     train_model = run.wrap(Controlled(generator, adapter))
     ema_model = Controlled(generator, ema_adapter)
 
-    shape = video_shape(opt.config)
+    shape = data.video_shape(opt.config)
     batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed, rank=run.rank,
                                            start=run.step))
-    noise_gen = torch.Generator(device=device)
+    rng = torch.Generator(device=device)
     scenes = data.SpriteWorld(**shape, batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED).batch(0)
     baseline = None  # the generator alone on the held-out scenes, measured once
 
@@ -142,11 +157,10 @@ def main(argv):
         if baseline is None:
             baseline = held_out(ema_model, scenes, opt.sample_steps, use_adapter=False)
         videos, accuracy = held_out(ema_model, scenes, opt.sample_steps, opt.sample_guidance)
-        data.save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",
-                        data.comparison_video(scenes, [baseline[0], videos], range(min(4, opt.eval_scenes))))
+        save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",
+                   comparison_video(scenes, [baseline[0], videos], range(min(4, opt.eval_scenes))))
         return {"no_adapter": baseline[1], "adapter": accuracy}
 
-    # ---------------------------------------------------------------- loop ---
     adapter.train()
     for step in run.steps(f"stage 1 {opt.adapter}"):
         lr = set_lr(optimizer, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
@@ -156,15 +170,13 @@ def main(argv):
         # read afterwards, are what a user draws. The adapter keeps the box condition.
         maps = "mask" if step < opt.mask_first * opt.max_steps else opt.condition
         trajectory = batch[CONDITIONS[maps]].to(device, non_blocking=True)  # (B, T, 3, H, W) pixels
-        noise_gen.manual_seed(noise_seed(opt.seed, run.rank, step))
-        traj_keep = (torch.rand(len(video), generator=noise_gen, device=device) >= opt.traj_drop_prob).float()
+        rng.manual_seed(noise_seed(opt.seed, run.rank, step))
+        traj_keep = (torch.rand(len(video), generator=rng, device=device) >= opt.traj_drop_prob).float()
         with autocast(device):
-            loss = flow_matching_loss(train_model, video, video[:, 0], noise_gen, trajectory=trajectory,
+            loss = flow_matching_loss(train_model, video, video[:, 0], rng, trajectory=trajectory,
                                       traj_keep=traj_keep)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), opt.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(optimizer, adapter, opt.grad_clip)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
 
         record = {"loss": round(loss.item(), 5), "grad_norm": round(grad_norm, 4), "lr": lr, "maps": maps}

@@ -125,7 +125,7 @@ def test_checkpoint_round_trip_and_wrong_generator_refused(kind, tmp_path):
 
 def run_adapter(*args):
     return subprocess.run([sys.executable, "train_adapter.py", "--config=micro", "--batch_size=2", "--num_workers=0",
-                           "--ckpt_interval=2", "--eval_scenes=2", "--sample_steps=2", *args],
+                           "--ckpt_interval=2", "--eval_scenes=2", "--sample_steps=2", "--init_from=none", *args],
                           capture_output=True, text=True)
 
 
@@ -150,8 +150,8 @@ def test_training_script_runs_resumes_and_measures(tmp_path):
 def test_masks_then_boxes(tmp_path):
     """--mask_first: the first share of the steps reads mask maps, the rest box maps; the adapter is a box one."""
     generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
-    result = run_adapter(f"--generator_ckpt={tmp_path / 'gen.pt'}", "--max_steps=4", "--mask_first=0.5",
-                         "--sample_interval=0", f"--out_dir={tmp_path / 'run'}")
+    result = run_adapter(f"--generator_ckpt={tmp_path / 'gen.pt'}", "--condition=box", "--max_steps=4",
+                         "--mask_first=0.5", "--sample_interval=0", f"--out_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["maps"] for r in log] == ["mask", "mask", "box", "box"]

@@ -69,7 +69,7 @@ def test_asked_pairs_must_be_measured_methods(tmp_path):
 
 def test_instruments_measure_every_degradation_beside_two_real_sets(tmp_path):
     micro_checkpoints(tmp_path)
-    result = bench(f"--checkpoints={tmp_path}", "--instruments=true", f"--json={tmp_path / 'i.json'}")
+    result = bench(f"--checkpoints={tmp_path}", "--instruments", f"--json={tmp_path / 'i.json'}")  # bare: true
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "i.json").read_text())["instruments"]
     assert list(rows) == ["real, set A", "real, set B"] + [
@@ -89,7 +89,7 @@ def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     assert result.returncode == 1 and "unknown method 'best'" in result.stderr
     (tmp_path / "video_encoder_micro.pt").unlink()
     result = bench(f"--checkpoints={tmp_path}", "--methods=naive")
-    assert result.returncode == 1 and "python fvd.py" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "python train_fvd.py" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):

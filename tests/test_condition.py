@@ -55,7 +55,7 @@ def test_mask_adapter_reads_mask_maps_in_every_stage(tmp_path, monkeypatch):
         common.export_checkpoint(tmp_path / name / "ckpt.pt", folder / f"{name}_micro.pt")
         only_mask_maps_reached_the_adapter()
 
-    trained("slow_adapter", train_adapter, "slow_adapter_controlnet_mask", "--condition=mask", "--eval_scenes=2",
+    trained("slow_adapter", train_adapter, "slow_adapter_controlnet_mask", "--init_from=none", "--eval_scenes=2",
             "--sample_steps=2", f"--generator_ckpt={folder / 'slow_generator_micro.pt'}")
     slow_adapter = f"--adapter_ckpt={folder / 'slow_adapter_controlnet_mask_micro.pt'}"
     trained("dmd_joint", distill, "dmd_joint_mask", "--controlled=true", "--ratio=1", slow_adapter,

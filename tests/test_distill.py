@@ -31,9 +31,9 @@ def test_training_inputs_come_from_the_sampling_path():
     times = fast_times()
     assert len(times) == 4 and times[0] == 1 and torch.all(times[1:] < times[:-1])
     full = fast_generate(generator, first, torch.Generator().manual_seed(3))
-    gen = torch.Generator().manual_seed(3)
-    noise = torch.randn(2, 4, 3, 16, 16, generator=gen)
-    x_k = few_step_sample(generator, noise, times, {"first_frame": first}, gen, stop_after=3)
+    rng = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 4, 3, 16, 16, generator=rng)
+    x_k = few_step_sample(generator, noise, times, {"first_frame": first}, rng, stop_after=3)
     with torch.no_grad():
         last = few_step_step(generator, x_k, times[3], {"first_frame": first})
     torch.testing.assert_close(last.clamp(-1, 1), full)

@@ -8,17 +8,18 @@ import common
 import data
 import degrade
 import fvd
+import train_fvd
 
 SHIPPED = "checkpoints/video_encoder_tiny.pt"
 
 
 def test_frechet_distance_matches_the_closed_form_for_commuting_covariances():
     # With shared eigenvectors, FD = |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
-    generator = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
-    a, b = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1, torch.rand(5, generator=generator,
+    rng = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=rng, dtype=torch.float64))
+    a, b = torch.rand(5, generator=rng, dtype=torch.float64) + 0.1, torch.rand(5, generator=rng,
                                                                                         dtype=torch.float64)
-    mu_a, mu_b = torch.randn(5, generator=generator, dtype=torch.float64), torch.randn(5, generator=generator,
+    mu_a, mu_b = torch.randn(5, generator=rng, dtype=torch.float64), torch.randn(5, generator=rng,
                                                                                           dtype=torch.float64)
     stats_a, stats_b = (mu_a, q @ torch.diag(a) @ q.T), (mu_b, q @ torch.diag(b) @ q.T)
     expected = ((mu_a - mu_b) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum()
@@ -29,8 +30,8 @@ def test_frechet_distance_matches_the_closed_form_for_commuting_covariances():
 
 def test_bootstrap_interval_draws_are_the_distances_of_the_drawn_sets():
     # The interval computes each draw from per-scene sums; it must equal drawing the features themselves.
-    generator = torch.Generator().manual_seed(1)
-    features = torch.randn(10, 3, 6, generator=generator, dtype=torch.float64) + torch.linspace(0, 1, 6)
+    rng = torch.Generator().manual_seed(1)
+    features = torch.randn(10, 3, 6, generator=rng, dtype=torch.float64) + torch.linspace(0, 1, 6)
     reference = fvd.Reference(torch.zeros(6, dtype=torch.float64), 2 * torch.eye(6, dtype=torch.float64))
     draws = torch.randint(10, (7, 10), generator=torch.Generator().manual_seed(0))  # what interval(seed=0) draws
     values = torch.tensor([reference.distance(features[d].flatten(0, 1)) for d in draws], dtype=torch.float64)
@@ -41,10 +42,10 @@ def test_bootstrap_interval_draws_are_the_distances_of_the_drawn_sets():
 
 def test_paired_interval_draws_the_same_scenes_for_both_methods():
     # Two methods on the same 40 scenes: what the scenes share (most of the spread) is in both.
-    generator = torch.Generator().manual_seed(2)
-    shared = 2 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
-    a = shared + 0.1 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
-    b = shared + 0.3 + 0.1 * torch.randn(40, 2, 5, generator=generator, dtype=torch.float64)
+    rng = torch.Generator().manual_seed(2)
+    shared = 2 * torch.randn(40, 2, 5, generator=rng, dtype=torch.float64)
+    a = shared + 0.1 * torch.randn(40, 2, 5, generator=rng, dtype=torch.float64)
+    b = shared + 0.3 + 0.1 * torch.randn(40, 2, 5, generator=rng, dtype=torch.float64)
     reference = fvd.Reference(torch.zeros(5, dtype=torch.float64), 3 * torch.eye(5, dtype=torch.float64))
     distance = lambda f: reference.distance(f.flatten(0, 1))
     draws = torch.randint(40, (50, 40), generator=torch.Generator().manual_seed(0))  # what seed=0 draws
@@ -62,10 +63,10 @@ def test_bootstrap_interval_of_a_distance_holds_fresh_sets_and_errs_wide():
     # interval of one set should hold the typical distance of fresh sets of that size, and be at least
     # as wide as their spread: drawing scenes again adds the set's own offset to the noise, so the
     # bootstrap is conservative, most near zero distance (docs/results.md).
-    generator = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     reference = fvd.Reference(torch.zeros(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
     for offset in (0.0, 0.5):
-        sets = [offset + torch.randn(60, 2, 4, generator=generator, dtype=torch.float64) for _ in range(30)]
+        sets = [offset + torch.randn(60, 2, 4, generator=rng, dtype=torch.float64) for _ in range(30)]
         distances = torch.tensor([reference.distance(s.flatten(0, 1)) for s in sets], dtype=torch.float64)
         low, high = torch.quantile(distances, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         intervals = [reference.interval(s, resamples=200) for s in sets[:10]]
@@ -76,8 +77,8 @@ def test_bootstrap_interval_of_a_distance_holds_fresh_sets_and_errs_wide():
 
 
 def test_targets_give_each_object_pixel_its_colour_shape_and_step():
-    batch = fvd.LabelledWorld(4, 16, batch_size=6, seed=2).batch(0)
-    colour_class, shape_class, flow = fvd.targets(batch, 16)
+    batch = train_fvd.LabelledWorld(4, 16, batch_size=6, seed=2).batch(0)
+    colour_class, shape_class, flow = train_fvd.targets(batch, 16)
     palette = torch.from_numpy(data.OBJECT_COLORS).long()
     for b in range(6):
         covered = batch["masks"][b].any(0)  # (T, H, W)
@@ -94,12 +95,12 @@ def test_targets_give_each_object_pixel_its_colour_shape_and_step():
 
 def test_encoder_loss_drops_on_a_fixed_batch():
     torch.manual_seed(0)
-    batch = fvd.LabelledWorld(4, 16, batch_size=8, seed=3).batch(0)
+    batch = train_fvd.LabelledWorld(4, 16, batch_size=8, seed=3).batch(0)
     encoder = fvd.VideoEncoder(4, 16, width=16)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-3)
-    first = fvd.encoder_loss(encoder, batch, 16)[0].item()
+    first = train_fvd.encoder_loss(encoder, batch, 16)[0].item()
     for _ in range(60):
-        loss = fvd.encoder_loss(encoder, batch, 16)[0]
+        loss = train_fvd.encoder_loss(encoder, batch, 16)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -109,16 +110,19 @@ def test_encoder_loss_drops_on_a_fixed_batch():
 def test_script_trains_resumes_and_exports_the_reference_statistics(tmp_path):
     args = ["--config=micro", "--width=8", "--batch_size=4", "--ckpt_interval=2",
             "--reference_clips=16", f"--out_dir={tmp_path / 'run'}", f"--export={tmp_path / 'enc.pt'}"]
-    fvd.main(args + ["--max_steps=2"])
+    train_fvd.main(args + ["--max_steps=4", "--stop_at=2"])  # stopped early: nothing exported yet
+    assert not (tmp_path / "enc.pt").exists()
     with pytest.raises(SystemExit, match="exists"):
-        fvd.main(args + ["--max_steps=4"])
-    fvd.main(args + ["--max_steps=4", "--resume=true"])
+        train_fvd.main(args + ["--max_steps=4"])
+    train_fvd.main(args + ["--max_steps=4", "--resume=true"])
+    with pytest.raises(SystemExit, match="enc.pt exists: not replaced"):  # before any work
+        train_fvd.main(args + ["--max_steps=4", "--resume=true"])
     exported = common.load_checkpoint(tmp_path / "enc.pt", kind="video_encoder")
     assert exported["step"] == 4 and "optimizer" not in exported
     encoder, frame_reference, clip_reference = fvd.load_encoder(tmp_path / "enc.pt")
     assert frame_reference.stats[0].shape == (48,) and clip_reference.stats[1].shape == (16, 16)
     with pytest.raises(SystemExit, match="--max_steps must be"):
-        fvd.main(args + ["--max_steps=0"])
+        train_fvd.main(args + ["--max_steps=0"])
 
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="no shipped network")

@@ -87,10 +87,10 @@ def test_objects_are_found_where_they_are_when_their_colours_drift():
 
 def test_no_object_is_found_in_background_coloured_noise():
     batch = scenes()
-    generator = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     for i in range(len(batch["video"])):
         background = metrics.background_of(batch["video"][i], batch["masks"][i])
-        noise = background + 0.1 * torch.randn(batch["video"][i].shape, generator=generator)
+        noise = background + 0.1 * torch.randn(batch["video"][i].shape, generator=rng)
         found = metrics.segment_objects(noise, batch["colors"][i], int(batch["n_objects"][i]), background)
         assert found.sum() == 0
 
@@ -136,8 +136,8 @@ def test_quality_statistics_see_the_failure_modes():
 
 def test_ssim_is_one_for_the_truth_and_falls_with_noise_and_blur():
     truth = scenes(4)["video"]
-    generator = torch.Generator().manual_seed(0)
-    noisy = [(truth + s * torch.randn(truth.shape, generator=generator)).clamp(-1, 1) for s in (0.05, 0.2)]
+    rng = torch.Generator().manual_seed(0)
+    noisy = [(truth + s * torch.randn(truth.shape, generator=rng)).clamp(-1, 1) for s in (0.05, 0.2)]
     blurred = torch.nn.functional.avg_pool2d(truth.flatten(0, 1), 3, 1, 1).view_as(truth)
     assert abs(metrics.ssim(truth, truth) - 1) < 1e-12
     assert 1 > metrics.ssim(noisy[0], truth) > metrics.ssim(noisy[1], truth)
@@ -146,8 +146,8 @@ def test_ssim_is_one_for_the_truth_and_falls_with_noise_and_blur():
 
 def test_ssim_of_one_window_matches_the_formula():
     # A 7x7 frame holds exactly one 7x7 window: SSIM is the weighted-moment formula, written out here.
-    generator = torch.Generator().manual_seed(1)
-    x, y = (torch.rand(1, 2, 3, 7, 7, generator=generator, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    rng = torch.Generator().manual_seed(1)
+    x, y = (torch.rand(1, 2, 3, 7, 7, generator=rng, dtype=torch.float64) * 2 - 1 for _ in range(2))
     taps = torch.exp(-(torch.arange(7, dtype=torch.float64) - 3) ** 2 / (2 * 1.5 ** 2))
     w = torch.outer(taps, taps) / taps.sum() ** 2
     expected = []

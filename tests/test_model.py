@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import (T_MIN, add_noise, apply_rope, build_model, clean_estimate, euler_sample, flow_matching_loss,
-                   generate, rope_3d, sampling_times)
+                   generate, rope_3d, sampling_times, shift_time)
 
 
 def random_final_layer(model):
@@ -86,7 +86,7 @@ def test_given_first_frame_is_pinned_exactly():
     frame = torch.rand(2, 3, 16, 16) * 2 - 1
     # Any step count lands frame 0 on the given first frame, frames 1.. move.
     for steps in (1, 4):
-        video = generate(model, frame, steps=steps, generator=torch.Generator().manual_seed(0))
+        video = generate(model, frame, steps=steps, rng=torch.Generator().manual_seed(0))
         torch.testing.assert_close(video[:, 0], frame.clamp(-1, 1))
         assert not torch.allclose(video[:, 1], frame, atol=0.1)
     # Frame 0 of the noisy input is not read where the first frame is given...
@@ -124,12 +124,12 @@ def test_euler_sampler_is_exact_on_a_straight_path():
     x0, noise = torch.randn(2, 3), torch.randn(2, 3)
     velocity = lambda x, t: (x - x0) / t[:, None]
     for steps, shift in [(1, 1.0), (4, 3.0), (50, 1.0)]:
-        out = euler_sample(velocity, noise, sampling_times(steps, shift))
+        out = euler_sample(velocity, noise, shift_time(torch.linspace(1, 0, steps + 1), shift))
         torch.testing.assert_close(out, x0)
 
 
 def test_time_shift_and_schedule():
-    times = sampling_times(4, shift=3.0)
+    times = sampling_times(4)  # model.TIME_SHIFT = 3
     assert times[0] == 1 and times[-1] == 0 and torch.all(times[1:] < times[:-1])
     assert times[2] > 0.5  # shift > 1 spends more of the steps at high noise
     torch.testing.assert_close(clean_estimate(add_noise(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0.3, 0.9])),
@@ -139,7 +139,7 @@ def test_time_shift_and_schedule():
 def test_guidance_scale_one_is_the_conditional_model():
     model = random_final_layer(build_model("micro"))
     frame = torch.randn(1, 3, 16, 16)
-    a = generate(model, frame, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
-    b = generate(model, frame, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
-    c = generate(model, frame, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    a = generate(model, frame, steps=3, guidance=1.0, rng=torch.Generator().manual_seed(0))
+    b = generate(model, frame, steps=3, guidance=1.0, rng=torch.Generator().manual_seed(0))
+    c = generate(model, frame, steps=3, guidance=3.0, rng=torch.Generator().manual_seed(0))
     assert a.shape == (1, 4, 3, 16, 16) and torch.equal(a, b) and not torch.allclose(a, c)

@@ -47,3 +47,11 @@ def test_bad_scene_is_refused_naming_the_field(micro_folder):
     result = sample(micro_folder, "--method", "naive", "--out", str(micro_folder / "out.gif"))
     assert result.returncode == 1 and "'objects[0].shape'" in result.stderr and "Traceback" not in result.stderr
     assert not (micro_folder / "out.gif").exists()
+
+
+def test_each_family_writes_its_own_file_by_default():
+    import sample
+    from common import parse_flags
+    out = lambda *argv: sample.default_out(parse_flags(sample.FLAGS, list(argv), ""))
+    assert out() == "samples/flashmotion_default.gif"
+    assert len({out(), out("--condition=box"), out("--adapter=lora"), out("--adapter=lora", "--condition=box")}) == 4

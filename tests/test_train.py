@@ -44,10 +44,10 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
                                            ("--batchsize=4", "unknown option --batchsize"),
                                            ("--config=huge", "--config must be one of"),
                                            ("--resume=maybe", "--resume must be true or false"),
-                                           ("--codec=jpeg", "--codec must be one of"),
-                                           ("--codec=latent", "autoencoder_micro.pt; make it with python autoencoder.py")])
+                                           ("--config=tiny --autoencoder=none/autoencoder_tiny.pt",
+                                            "autoencoder_tiny.pt; make it with python train_autoencoder.py")])
 def test_bad_flags_fail_with_one_line(flag, message, tmp_path):
-    result = train(flag, f"--out_dir={tmp_path}")
+    result = train(*flag.split(), f"--out_dir={tmp_path}")
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "ckpt.pt").exists()
 
@@ -113,3 +113,44 @@ def test_learning_rate_schedule():
     lrs = [common.lr_at(s, 1.0, warmup=10, max_steps=100) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and abs(lrs[-1] - 0.1) < 1e-3
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_time_limit_stops_with_a_checkpoint_to_resume(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--config=micro", "--batch_size=2",
+                             "--num_workers=0", "--sample_interval=0", "--ckpt_interval=100000",
+                             "--max_steps=100000", "--stop_at=0", "--time_limit=0.02", f"--out_dir={tmp_path}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    step = common.load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert 0 < step < 100000 and f"stopped: {tmp_path}/ckpt.pt at step {step}/100000" in result.stdout
+
+
+def test_export_never_replaces_an_existing_file(tmp_path):
+    common.save_checkpoint(tmp_path / "run.pt", {"kind": "slow_generator", "ema": {"w": torch.ones(2)},
+                                                 "optimizer": {}})
+    (tmp_path / "shipped.pt").write_bytes(b"what ships")
+    with pytest.raises(common.UserError, match="exists: not replaced"):
+        common.export_checkpoint(tmp_path / "run.pt", tmp_path / "shipped.pt")
+    assert (tmp_path / "shipped.pt").read_bytes() == b"what ships"
+    common.export_checkpoint(tmp_path / "run.pt", tmp_path / "new.pt")
+    assert "optimizer" not in common.load_checkpoint(tmp_path / "new.pt")
+
+
+def test_no_script_writes_into_checkpoints_unless_a_flag_names_the_path():
+    import bench, distill, hybrid_finetune, sample, train_adapter, train_autoencoder, train_fvd
+    import train as train_script
+    for script in (train_script, train_adapter, distill, hybrid_finetune, train_fvd, train_autoencoder, sample, bench):
+        for name, (default, _) in script.FLAGS.items():
+            if name in ("out_dir", "export", "out", "json", "gif"):
+                assert not str(default).startswith("checkpoints"), (script.__name__, name, default)
+
+
+def test_a_bare_boolean_flag_means_true():
+    flags = {"resume": (False, ""), "compile": (True, ""), "max_steps": (3, ""), "name": ("", "")}
+    parse = lambda *argv: vars(common.parse_flags(flags, list(argv), "doc"))
+    assert parse("--resume") == {"resume": True, "compile": True, "max_steps": 3, "name": ""}
+    assert parse("--resume", "--max_steps", "5")["resume"] and parse("--resume", "--max_steps", "5")["max_steps"] == 5
+    assert parse("--compile", "false")["compile"] is False and parse("--resume", "1")["resume"] is True
+    assert parse("--name", "x", "--resume")["resume"] is True
+    with pytest.raises(common.UserError, match="expected --key=value or --key value, got .--max_steps."):
+        parse("--max_steps")

@@ -9,19 +9,19 @@ import sys
 import pytest
 import torch
 
-import autoencoder
 import bench
 import common
 import distill
-import fvd
 import hybrid_finetune
 import sample
 import train
 import train_adapter
+import train_autoencoder
+import train_fvd
 from test_sample import MICRO_SCENE
 
 SCRIPTS = {"train": train, "train_adapter": train_adapter, "distill": distill, "hybrid_finetune": hybrid_finetune,
-           "fvd": fvd, "autoencoder": autoencoder, "sample": sample, "bench": bench}
+           "train_fvd": train_fvd, "train_autoencoder": train_autoencoder, "sample": sample, "bench": bench}
 HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
