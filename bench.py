@@ -26,7 +26,6 @@ import fvd
 import metrics
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION
 from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
-from data import video_shape
 from model import CONFIGS
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
@@ -68,13 +67,13 @@ FLOOR_SEED = data.HELD_OUT_SEED + 100  # the real clips of the floor: other scen
 def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED):
     """per_count held-out scenes (data.Scene) for each object count 1..MAX_OBJECTS."""
     return [scene for n in range(1, data.MAX_OBJECTS + 1)
-            for scene in data.SpriteWorld(**video_shape(config), batch_size=per_count, seed=seed + n,
+            for scene in data.SpriteWorld(**data.video_shape(config), batch_size=per_count, seed=seed + n,
                                           n_objects=n).scenes(0)]
 
 
 def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED):
     """The same scenes as one batch dict (data.collate's keys)."""
-    size = video_shape(config)["size"]
+    size = data.video_shape(config)["size"]
     return data.collate([data.to_sample(data.render(s), size) for s in benchmark_scene_list(config, per_count, seed)])
 
 
@@ -241,7 +240,7 @@ def main(argv):
         print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "
               f"{r['ms_per_video']:.0f} ms/video", file=sys.stderr)
     # The floor: as many real clips as a method has, from other scenes of the same object counts.
-    floor = (data.SpriteWorld(**video_shape(opt.config), batch_size=2 * len(scenes["video"]),
+    floor = (data.SpriteWorld(**data.video_shape(opt.config), batch_size=2 * len(scenes["video"]),
                               seed=FLOOR_SEED).batch(0) if opt.scenes else
              benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED))
     real = {**fvd.frechet_scores(*references, fvd.scene_features(encoder, floor["video"][:, None])),
