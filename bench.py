@@ -25,7 +25,7 @@ import degrade
 import fvd
 import metrics
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION
-from common import UserError, check_writable, parse_flags, require_at_least, require_one_of
+from common import UserError, check_writable, parse_flags, require_at_least, require_one_of, set_threads
 from model import CONFIGS
 from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
@@ -51,6 +51,7 @@ FLAGS = dict(
     json=("", "write the results here"),
     instruments=(False, "instead of methods: the instruments on real clips with known flaws (degrade.py)"),
     gif=("", "write a side-by-side video here (.gif or .mp4)"),
+    threads=(0, "CPU threads; 0: half the cores (common.set_threads), 1 on a 2-core machine"),
     pairs=("default", "comma-separated a:b, a minus b on the same scenes and noise with paired intervals; "
                       "default: the paper's claims (DEFAULT_PAIRS) among the methods measured"),
 )
@@ -224,6 +225,7 @@ def main(argv):
         raise UserError(f"FID and FVD need {encoder_path}, which is missing: make it with "
                         f"python train_fvd.py --config={opt.config}")
     encoder, *references = fvd.load_encoder(encoder_path)
+    opt.threads = set_threads(opt.threads)
     if opt.instruments:
         write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
         return

@@ -379,6 +379,18 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def set_threads(threads):
+    """Sample on `threads` CPU threads; 0: half the cores this process may run
+    on, at least one. PyTorch's default, every core, makes a 4-step clip 50
+    times slower as soon as another program keeps one core busy (its threads
+    wait for the one that shares that core; docs/results.md). Returns the count."""
+    if threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def pick_device(name):
     """--device=cpu|cuda, refused when CUDA is asked for and there is none."""
     if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):

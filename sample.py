@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION, Controlled, adapter_from_checkpoint, joint_from_checkpoint
-from common import UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of
+from common import (UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of,
+                    set_threads)
 from model import CONFIGS, fast_generate, generate, model_from_checkpoint
 from scenes import scene_batch
 from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
@@ -137,6 +138,20 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
     return torch.cat(videos), seconds / len(scenes["video"])
 
 
+def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True):
+    """What sample.py writes for a scene (a batch of one, data.collate's keys):
+    the generated clip, 8x, its target boxes drawn over, beside the maps its
+    adapter read. Returns (uint8 frames (T, H, W, 3), seconds of generation)."""
+    device = next(method.model.parameters()).device
+    scene = {key: value.to(device) for key, value in scene.items()}
+    video, seconds = generate_clips(method, scene, steps, guidance, seed)
+    maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]
+    clip = to_uint8(video[0])
+    clip = draw_boxes(clip, scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy(), 8) if boxes else \
+        upscale(clip, 8)
+    return video_grid([[clip, upscale(maps_to_uint8(maps[0]), 8)]]), seconds
+
+
 FLAGS = dict(
     method=("flashmotion", f"one of: {', '.join(METHODS)}"),
     steps=(int, "denoising steps; default the method's own (4 for the fast methods, 50 for the teacher)"),
@@ -149,6 +164,8 @@ FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     device=("cpu", "cpu | cuda"),
+    boxes=(True, "draw the target boxes over the clip"),
+    threads=(0, "CPU threads; 0: half the cores (common.set_threads)"),
 )
 
 
@@ -173,12 +190,10 @@ def main(argv):
     out = opt.out or default_out(opt)
     check_video_path(out)  # before any work: a bad --out loses nothing
     scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
+    set_threads(opt.threads)
     method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device)
-    scene = {key: value.to(device) for key, value in scene.items()}
-    video, seconds = generate_clips(method, scene, opt.steps, opt.guidance, opt.seed)
-    maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]
-    boxes = scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy()
-    save_video(out, video_grid([[draw_boxes(to_uint8(video[0]), boxes, 8), upscale(maps_to_uint8(maps[0]), 8)]]))
+    frames, seconds = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes)
+    save_video(out, frames)
     print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
           f"wrote {out}")
 

@@ -8,11 +8,14 @@ coordinates (origin top-left, x to the right), objects back to front:
                   "path": [[6, 6], [16, 24], [26, 8]]}]}
 
 `path` is key points travelled at constant speed, or one point per frame. Or
-your own first frame ("first_frame": "img.png") and per object per-frame
-"boxes". A scene that is wrong anywhere is refused with every wrong field
-named; nothing is generated from a half-read scene.
+your own first frame ("first_frame": "img.png", or the PNG itself as a data
+URL) and per object per-frame "boxes". A scene that is wrong anywhere is
+refused with every wrong field named; nothing is generated from a half-read
+scene.
 """
 
+import base64
+import binascii
 import json
 import os
 
@@ -24,6 +27,9 @@ from einops import rearrange
 
 import data
 from common import UserError
+
+PNG_DATA_URL = "data:image/png;base64,"
+MAX_IMAGE_SIDE = 1024  # pixels: a first frame is read only up to this size (it is shrunk to the clip's)
 
 
 # ------------------------------------------------------------- scene files --
@@ -47,7 +53,10 @@ def load_scene(path):
     return parse_scene(read_json(path), base_dir=os.path.dirname(os.path.abspath(path)), name=path)
 
 
-def parse_scene(spec, base_dir=".", name="scene"):
+def parse_scene(spec, base_dir=".", name="scene", allow_files=True):
+    """A data.Scene from a scene file's JSON; allow_files False refuses a
+    first frame given as a file path (a scene sent to a server names no file
+    of the server's)."""
     errors = []
     err = errors.append
     if not isinstance(spec, dict):
@@ -80,11 +89,13 @@ def parse_scene(spec, base_dir=".", name="scene"):
     first_frame = None
     user_image = "first_frame" in spec
     if user_image:
-        image_path = spec["first_frame"]
-        if not isinstance(image_path, str):
-            err("'first_frame': must be the path of an image file")
+        source = spec["first_frame"]
+        if not isinstance(source, str):
+            err("'first_frame': must be the path of an image file, or a PNG data URL")
+        elif not allow_files and not source.startswith(PNG_DATA_URL):
+            err("'first_frame': a path names a file here; send the image itself, as a PNG data URL")
         elif size is not None:
-            first_frame = read_first_frame(os.path.join(base_dir, image_path), size, err)
+            first_frame = read_first_frame(source, base_dir, size, err)
 
     objects = spec.get("objects")
     parsed, user_boxes = [], []
@@ -161,11 +172,25 @@ def parse_user_boxes(obj, where, size, frames, err):
         return np.zeros((len(boxes), 4))
 
 
-def read_first_frame(path, size, err):
+def read_first_frame(source, base_dir, size, err):
+    """The image of a file path (relative to the scene file) or of a PNG data
+    URL, at most MAX_IMAGE_SIDE a side, shrunk to (size, size, 3) in [0, 1]."""
+    if source.startswith(PNG_DATA_URL):
+        try:
+            uri, what = base64.b64decode(source[len(PNG_DATA_URL):], validate=True), "the PNG data URL"
+        except binascii.Error:
+            err("'first_frame': the data URL is not valid base64")
+            return None
+    else:
+        uri = what = os.path.join(base_dir, source)
     try:
-        image = np.asarray(iio.imread(path))
+        shape = iio.improps(uri, extension=".png" if isinstance(uri, bytes) else None).shape  # header only
+        if max(shape[:2]) > MAX_IMAGE_SIDE:
+            err(f"'first_frame': {what} is {shape[1]}x{shape[0]}, more than {MAX_IMAGE_SIDE} pixels a side")
+            return None
+        image = np.asarray(iio.imread(uri, extension=".png" if isinstance(uri, bytes) else None))
     except Exception as e:
-        err(f"'first_frame': cannot read image {path} ({e.__class__.__name__})")
+        err(f"'first_frame': cannot read image {what} ({e.__class__.__name__})")
         return None
     if image.ndim == 2:
         image = image[..., None].repeat(3, -1)
@@ -200,19 +225,21 @@ def scene_batch(paths, config, need_truth=False):
     checked before anything is generated. need_truth refuses scenes with a
     first frame of their own: they have no true clip and no object colours
     to measure."""
+    return data.collate([scene_sample(load_scene(path), config, path, need_truth) for path in paths])
+
+
+def scene_sample(scene, config, name, need_truth=False):
+    """A parsed scene rendered as one sample (data.to_sample's keys) for the
+    `config` models, whose clip shape it must have."""
     shape = data.video_shape(config)
-    samples = []
-    for path in paths:
-        scene = load_scene(path)
-        if (scene.size, scene.frames) != (shape["size"], shape["frames"]):
-            raise UserError(f"{path}: 'size' {scene.size} and 'frames' {scene.frames} must be "
-                            f"{shape['size']} and {shape['frames']} for the {config} models")
-        rendered = data.render(scene)
-        if need_truth and not rendered.has_video:
-            raise UserError(f"{path}: a scene with its own 'first_frame' has no true clip to measure against; "
-                            f"bench.py needs scenes drawn from objects (sample.py takes both)")
-        samples.append(data.to_sample(rendered, scene.size))
-    return data.collate(samples)
+    if (scene.size, scene.frames) != (shape["size"], shape["frames"]):
+        raise UserError(f"{name}: 'size' {scene.size} and 'frames' {scene.frames} must be "
+                        f"{shape['size']} and {shape['frames']} for the {config} models")
+    rendered = data.render(scene)
+    if need_truth and not rendered.has_video:
+        raise UserError(f"{name}: a scene with its own 'first_frame' has no true clip to measure against; "
+                        f"bench.py needs scenes drawn from objects (sample.py takes both)")
+    return data.to_sample(rendered, scene.size)
 
 
 # ---------------------------------------------------------- your own clips --

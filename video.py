@@ -81,12 +81,18 @@ def check_video_path(path):
     check_writable(path)
 
 
+def gif_bytes(frames, fps=8):
+    """(T, H, W, 3) uint8 frames as the bytes of a looping GIF (what save_video writes)."""
+    return iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+
+
 def save_video(path, frames, fps=8):
     """Write (T, H, W, 3) uint8 frames as a looping GIF, or as an MP4."""
     check_video_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".gif"):
-        iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+        with open(path, "wb") as f:
+            f.write(gif_bytes(frames, fps))
     else:  # H.264 players want sides in multiples of 16: pad with white, as between the grid's tiles
         T, H, W = frames.shape[:3]
         padded = np.full((T, -(-H // 16) * 16, -(-W // 16) * 16, 3), 255, np.uint8)

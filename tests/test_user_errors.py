@@ -11,6 +11,7 @@ import torch
 
 import bench
 import common
+import demo
 import distill
 import hybrid_finetune
 import sample
@@ -21,7 +22,8 @@ import train_fvd
 from test_sample import MICRO_SCENE
 
 SCRIPTS = {"train": train, "train_adapter": train_adapter, "distill": distill, "hybrid_finetune": hybrid_finetune,
-           "train_fvd": train_fvd, "train_autoencoder": train_autoencoder, "sample": sample, "bench": bench}
+           "train_fvd": train_fvd, "train_autoencoder": train_autoencoder, "sample": sample, "bench": bench,
+           "demo": demo}
 HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
