@@ -89,7 +89,8 @@ class Demo:
 
     def info(self):
         return {"size": self.size, "frames": self.frames, "default": "flashmotion",
-                "methods": [{"name": name, "steps": m.steps, "nfe": m.nfe(GUIDANCE)} for name, m in self.methods.items()],
+                "methods": [{"name": name, "steps": m.steps, "nfe": m.nfe(GUIDANCE)}
+                            for name, m in self.methods.items()],
                 "scenes": {name: spec for name, spec in self.examples.items()
                            if spec.get("size") == self.size and spec.get("frames") == self.frames}}
 

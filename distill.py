@@ -55,7 +55,10 @@ FLAGS = dict(
     warmup=(50, "linear warmup iterations"),
     grad_clip=(1.0, "gradient norm clip"),
     ema_decay=(0.99, "EMA of the fast generator, what is exported"),
-    guidance=(1.0, "real score CFG (uncond + w (cond - uncond)) on the first frame, or on the trajectory"),
+    guidance=(1.0, "real-score CFG, uncond + w (cond - uncond), on the first frame (dmd-joint: on the "
+                   "trajectory); the Turbo config's cond + 6 (cond - uncond) is w = 7"),
+    fast_shift=(TIME_SHIFT, "timestep shift of the 4-step sampler's times; saved in the checkpoint, which every "
+                            "4-step sampler reads"),
     t_min=(0.02, "DMD re-noises at shifted uniform t clamped to [t_min, t_max]"),
     t_max=(0.98, "see t_min"),
     ckpt_interval=(50, "checkpoint every this many iterations"),
@@ -158,7 +161,7 @@ def write_samples(real_score, ema_generator, opt, run):
     with autocast(device):
         clips = [generate(real_score, first, steps=50, rng=seed(), **cond),
                  generate(real_score, first, steps=4, rng=seed(), **cond),
-                 fast_generate(ema_generator, first, rng=seed(), **cond)]
+                 fast_generate(ema_generator, first, opt.fast_shift, rng=seed(), **cond)]
     path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
     save_video(path, comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4)))
     return path
@@ -187,7 +190,7 @@ def main(argv):
         raise UserError(f"{run.path} distils generator run {run.saved['parent']}, not {teacher['run_id']}")
     run.restore(model=fast_generator, ema=ema_generator, fake_score=fake_score,
                 optimizer_generator=optimizer_generator, optimizer_fake=optimizer_fake)
-    times = fast_times(device=device)
+    times = fast_times(opt.fast_shift, device)
     if run.master:
         print(f"DMD {'(controlled: dmd-joint) ' if opt.controlled else ''}of {opt.teacher_ckpt}: generator and "
               f"fake score {sum(p.numel() for p in fast_generator.parameters()) / 1e6:.2f}M parameters each, "
@@ -234,7 +237,7 @@ def main(argv):
                      condition=adapter_ckpt["condition"] if opt.controlled else None,
                      model_config=config_dict(fast_generator),
                      adapter_config=real_score.adapter.config() if opt.controlled else None,
-                     fast_times=FAST_TIMES, time_shift=TIME_SHIFT, model=fast_generator.state_dict(),
+                     fast_times=FAST_TIMES, time_shift=opt.fast_shift, model=fast_generator.state_dict(),
                      ema=ema_generator.state_dict(), fake_score=fake_score.state_dict(),
                      optimizer_generator=optimizer_generator.state_dict(), optimizer_fake=optimizer_fake.state_dict())
         if run.master and run.due(opt.sample_interval):

@@ -275,10 +275,11 @@ def adapter_update(train_model, adapter, discriminator, video, times, k, cond, w
 
 
 @torch.no_grad()
-def held_out(model, scenes, device):
+def held_out(model, scenes, shift, device):
     """The 4-step clips of the held-out scenes and their mean trajectory accuracy."""
     with autocast(device):
-        videos = fast_generate(model, scenes["video"][:, 0].to(device), torch.Generator(device=device).manual_seed(0),
+        rng = torch.Generator(device=device).manual_seed(0)
+        videos = fast_generate(model, scenes["video"][:, 0].to(device), shift, rng,
                                trajectory=model.trajectory(scenes).to(device))
     videos = videos.float().cpu()
     return videos, metrics.mean_of(metrics.batch_trajectory_accuracy(videos, scenes))
@@ -302,7 +303,8 @@ def main(argv):
     controlled = Controlled(fast_generator, adapter)
     train_model, train_disc = run.wrap(controlled), run.wrap(discriminator)  # the backbone is frozen
     ema_model = Controlled(fast_generator, ema_adapter)
-    times = fast_times(device=device)
+    shift = fast_ckpt["time_shift"]  # the 4-step sampler the fast generator was distilled for
+    times = fast_times(shift, device)
 
     shape = data.video_shape(opt.config)
     batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed, rank=run.rank,
@@ -335,8 +337,8 @@ def main(argv):
                      optimizer_adapter=optimizer_adapter.state_dict(),
                      optimizer_discriminator=optimizer_discriminator.state_dict())
         if run.master and run.due(opt.sample_interval):
-            naive = naive or held_out(naive_pairing, scenes, device)
-            videos, accuracy = held_out(ema_model, scenes, device)
+            naive = naive or held_out(naive_pairing, scenes, shift, device)
+            videos, accuracy = held_out(ema_model, scenes, shift, device)
             save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",  # target | naive | finetuned
                        comparison_video(scenes, [naive[0], videos], range(min(4, opt.eval_scenes))))
             record["held_out"] = {"naive": naive[1], "finetuned": accuracy}

@@ -457,13 +457,14 @@ def initial_noise(model, first_frame, rng):
 
 # ------------------------------------------------------ few-step sampler ----
 
-# The fast generator's 4 times, before the timestep shift: t = 1, 0.75, 0.5,
-# 0.25 become 1, 0.9, 0.75, 0.5 with shift 3 (most of the work is at high noise).
+# The fast generator's 4 times, before the timestep shift it was distilled with
+# (distill.py --fast_shift, saved in its checkpoint as `time_shift`): t = 1, 0.75,
+# 0.5, 0.25 become 1, 0.9, 0.75, 0.5 with shift 3 (most of the work is at high noise).
 FAST_TIMES = (1.0, 0.75, 0.5, 0.25)
 
 
-def fast_times(device="cpu"):
-    return shift_time(torch.tensor(FAST_TIMES, device=device), TIME_SHIFT)
+def fast_times(shift, device="cpu"):
+    return shift_time(torch.tensor(FAST_TIMES, device=device), shift)
 
 
 def few_step_step(model, x, t, conditions):
@@ -495,9 +496,10 @@ def few_step_sample(model, noise, times, conditions, rng=None, stop_after=None):
 
 
 @torch.no_grad()
-def fast_generate(model, first_frame, rng=None, **conditions):
-    """A clip in len(FAST_TIMES) steps from a pixel first frame: pixels (B, T, C, H, W) in [-1, 1]."""
-    times = fast_times(first_frame.device)
+def fast_generate(model, first_frame, shift, rng=None, **conditions):
+    """A clip in len(FAST_TIMES) steps, shifted by `shift` (the fast generator's
+    checkpoint's), from a pixel first frame: pixels (B, T, C, H, W) in [-1, 1]."""
+    times = fast_times(shift, first_frame.device)
     clip = few_step_sample(model, initial_noise(model, first_frame, rng), times,
                            dict(first_frame=encode_first_frame(model, first_frame), **conditions), rng)
     return model.decode(clip).clamp(-1, 1)

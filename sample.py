@@ -65,6 +65,7 @@ class Method:
     model: nn.Module   # the generator, or a Controlled (generator + adapter)
     sampler: str       # "euler" (model.generate, with guidance) or "few-step" (model.fast_generate)
     steps: int
+    shift: float = None  # few-step: the timestep shift its fast generator was distilled with (its checkpoint's)
 
     @property
     def controlled(self):
@@ -109,7 +110,8 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
     if isinstance(model, Controlled) and model.adapter.condition != condition:
         raise UserError(f"{paths[-1]} holds an adapter reading {model.adapter.condition} maps, "
                         f"not the {condition} maps its name promises")
-    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps)
+    shift = generator_ckpt["time_shift"] if sampler == "few-step" else None
+    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps, shift)
 
 
 @torch.no_grad()
@@ -127,7 +129,7 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
         rng = torch.Generator(device=first.device).manual_seed(seed + start)
         begin = time.perf_counter()
         if method.sampler == "few-step":
-            video = fast_generate(model, first, rng, **conditions)
+            video = fast_generate(model, first, method.shift, rng, **conditions)
         else:
             if method.controlled:
                 conditions["uncond"] = {"traj_keep": torch.zeros(len(first), device=first.device)}

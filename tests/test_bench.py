@@ -19,7 +19,7 @@ def micro_checkpoints(folder):
     adapter = trained_looking_adapter(slow, condition="mask")  # the default family: mask maps
     adapter_checkpoint(folder / "slow_adapter_controlnet_mask_micro.pt", adapter, slow, "slow-run")
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
-        "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "kind": "fast_generator", "run_id": "fast-run", "time_shift": 3.0, "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
     encoder = fvd.VideoEncoder(4, 16, width=8)
     frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)

@@ -44,7 +44,7 @@ def test_mask_adapter_reads_mask_maps_in_every_stage(tmp_path, monkeypatch):
     slow = micro_generator()
     generator_checkpoint(folder / "slow_generator_micro.pt", slow, "slow-run")
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
-        "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "kind": "fast_generator", "run_id": "fast-run", "time_shift": 3.0, "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
     micro = ["--config=micro", "--batch_size=2", "--num_workers=0", "--max_steps=2", "--sample_interval=2"]
 

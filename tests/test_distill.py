@@ -28,9 +28,9 @@ def test_training_inputs_come_from_the_sampling_path():
     # k by hand gives exactly the clip the sampler itself makes.
     generator = micro_generator()
     first = micro_batch()["video"][:, 0]
-    times = fast_times()
+    times = fast_times(3.0)
     assert len(times) == 4 and times[0] == 1 and torch.all(times[1:] < times[:-1])
-    full = fast_generate(generator, first, torch.Generator().manual_seed(3))
+    full = fast_generate(generator, first, 3.0, torch.Generator().manual_seed(3))
     rng = torch.Generator().manual_seed(3)
     noise = torch.randn(2, 4, 3, 16, 16, generator=rng)
     x_k = few_step_sample(generator, noise, times, {"first_frame": first}, rng, stop_after=3)
@@ -44,7 +44,7 @@ def test_fake_score_fits_the_generator_outputs():
     generator = micro_generator()
     fake = micro_generator(seed=1).requires_grad_(True)
     first = micro_batch(batch_size=4)["video"][:, 0]
-    clips = fast_generate(generator, first, torch.Generator().manual_seed(0))
+    clips = fast_generate(generator, first, 3.0, torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(fake.parameters(), lr=2e-3)
     noise, t = torch.randn_like(clips), torch.rand(4) * 0.8 + 0.1
     losses = []
@@ -80,6 +80,22 @@ def test_distillation_iterations_run_and_resume(tmp_path):
     for part in ("model", "fake_score"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+def test_the_fast_shift_is_saved_and_every_4_step_sampler_reads_it(tmp_path):
+    import sample
+    slow = micro_generator()
+    generator_checkpoint(tmp_path / "slow_generator_micro.pt", slow, "run-a")
+    result = run_distill(f"--teacher_ckpt={tmp_path / 'slow_generator_micro.pt'}", "--fast_shift=5", "--max_steps=2",
+                         "--sample_interval=0", f"--out_dir={tmp_path / 'fast'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    common.export_checkpoint(tmp_path / "fast" / "ckpt.pt", tmp_path / "fast_generator_micro.pt")
+    assert common.load_checkpoint(tmp_path / "fast_generator_micro.pt")["time_shift"] == 5.0
+    method = sample.load_method("fast-generator", "micro", folder=str(tmp_path))
+    assert method.shift == 5.0 and fast_times(5.0)[1] > fast_times(3.0)[1]  # shift 5 spends more steps at high noise
+    first = micro_batch()["video"][:, 0]
+    clip, _ = sample.generate_clips(method, {"video": first[:, None]})
+    torch.testing.assert_close(clip, fast_generate(method.model, first, 5.0, torch.Generator().manual_seed(0)))
 
 
 def test_bad_time_range_is_refused(tmp_path):

@@ -80,7 +80,7 @@ def test_adversarial_gradient_reaches_the_adapter_and_only_it():
     disc = discriminator()
     batch = micro_batch()
     cond = dict(first_frame=batch["video"][:, 0], trajectory=batch["box_maps"])
-    times = fast_times()
+    times = fast_times(3.0)
     rng = torch.Generator().manual_seed(0)
     x_k = few_step_sample(model, torch.randn(batch["video"].shape, generator=rng), times, cond, rng, stop_after=2)
     generated = few_step_step(model, x_k.detach(), times[2], cond)
@@ -97,7 +97,7 @@ def stage3_inputs(folder):
     slow = micro_generator()
     generator_checkpoint(folder / "slow.pt", slow, "slow-run")
     common.save_checkpoint(folder / "fast.pt", {
-        "kind": "fast_generator", "run_id": "fast-run", "parent": "slow-run", "parent_path": "slow.pt",
+        "kind": "fast_generator", "run_id": "fast-run", "time_shift": 3.0, "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict()})
     adapter = trained_looking_adapter(slow)
     adapter_checkpoint(folder / "adapter.pt", adapter, slow, "slow-run")
