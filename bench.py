@@ -44,6 +44,7 @@ FLAGS = dict(
     condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read (box maps: the paper's final condition)"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     scenes_per_count=(8, "held-out scenes per object count 1..6"),
+    free=(0, "free objects added to each held-out scene (as many as fit in 6): no map shows them, no IoU scores them"),
     scenes=("", "a folder: run its *.json scene files instead of the held-out scenes"),
     teacher_steps=(50, "Euler steps of generator and teacher"),
     guidance=(3.0, "trajectory CFG of the teacher, 50 and 4 steps (docs/results.md: w = 3 is the best)"),
@@ -65,17 +66,26 @@ HEADINGS = {"fid": "FID", "fvd": "FVD", "miou": "Mask IoU", "box_iou": "Box IoU"
 FLOOR_SEED = data.HELD_OUT_SEED + 100  # the real clips of the floor: other scenes than the bench's
 
 
-def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED):
-    """per_count held-out scenes (data.Scene) for each object count 1..MAX_OBJECTS."""
+def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED, free=0):
+    """per_count held-out scenes (data.Scene) for each count 1..MAX_OBJECTS of
+    controlled objects, each with `free` free ones (as many as fit) in front."""
     return [scene for n in range(1, data.MAX_OBJECTS + 1)
             for scene in data.SpriteWorld(**data.video_shape(config), batch_size=per_count, seed=seed + n,
-                                          n_objects=n).scenes(0)]
+                                          n_objects=n, n_free=min(free, data.MAX_OBJECTS - n)).scenes(0)]
 
 
-def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED):
+def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED, free=0):
     """The same scenes as one batch dict (data.collate's keys)."""
     size = data.video_shape(config)["size"]
-    return data.collate([data.to_sample(data.render(s), size) for s in benchmark_scene_list(config, per_count, seed)])
+    return data.collate([data.to_sample(data.render(s), size)
+                         for s in benchmark_scene_list(config, per_count, seed, free)])
+
+
+def object_counts(scenes):
+    """Each scene's number of controlled objects, as "controlled+free" where any scene has free ones."""
+    controlled = scenes["controlled"].sum(1).tolist()
+    free = (scenes["n_objects"] - scenes["controlled"].sum(1)).tolist()
+    return controlled if not any(free) else [f"{c}+{f}" for c, f in zip(controlled, free)]
 
 
 def per_scene_figures(videos, scenes, other=None):
@@ -104,7 +114,7 @@ def measure(method, scenes, encoder, references, opt):
     features = fvd.scene_features(encoder, torch.stack([videos, other], 1))
     result = {**fvd.frechet_scores(*references, features), **summarise(figures),
               "nfe": method.nfe(opt.guidance), "ms_per_video": 1000 * seconds}
-    counts = scenes["n_objects"].tolist()
+    counts = object_counts(scenes)
     result["by_objects"] = {n: metrics.mean_of([f for f, c in zip(figures, counts) if c == n])
                             for n in sorted(set(counts))}
     return result, videos, (figures, features)
@@ -215,6 +225,9 @@ def main(argv):
         check_video_path(opt.gif)
     if opt.instruments and (opt.scenes or opt.gif):
         raise UserError("--instruments measures held-out real clips with known flaws: drop --scenes and --gif")
+    if opt.free and (opt.scenes or opt.instruments):
+        raise UserError("--free adds free objects to the held-out scenes: a scene file marks its own ('free': true), "
+                        "and --instruments has none")
     if opt.scenes:
         paths = sorted(glob.glob(os.path.join(opt.scenes, "*.json")))
         if not paths:
@@ -230,7 +243,7 @@ def main(argv):
         write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
         return
     if not opt.scenes:
-        scenes = benchmark_scenes(opt.config, opt.scenes_per_count)
+        scenes = benchmark_scenes(opt.config, opt.scenes_per_count, free=opt.free)
 
     pairs = pairs_of(opt, names)
     results, clips, per_scene = {}, {}, {}
@@ -244,7 +257,7 @@ def main(argv):
     # The floor: as many real clips as a method has, from other scenes of the same object counts.
     floor = (data.SpriteWorld(**data.video_shape(opt.config), batch_size=2 * len(scenes["video"]),
                               seed=FLOOR_SEED).batch(0) if opt.scenes else
-             benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED))
+             benchmark_scenes(opt.config, 2 * opt.scenes_per_count, seed=FLOOR_SEED, free=opt.free))
     real = {**fvd.frechet_scores(*references, fvd.scene_features(encoder, floor["video"][:, None])),
             **metrics.mean_of(metrics.batch_trajectory_accuracy(scenes["video"], scenes)),
             **metrics.quality(scenes["video"], scenes["video"]), "ssim": 1.0}

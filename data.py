@@ -60,6 +60,7 @@ class SceneObject:
     color: tuple          # (r, g, b) in 0..255
     size: float           # extent in pixels (diameter of the circle)
     centers: np.ndarray   # (T, 2) float, x and y of the centre per frame
+    free: bool = False    # moves on a path no trajectory map shows: the generator's to invent
 
 
 @dataclass
@@ -199,18 +200,22 @@ def resample_polyline(points, progress):
     return np.stack([np.interp(target, arc, points[:, d]) for d in range(2)], axis=1)
 
 
-def random_scene(rng, frames, size, n_objects=None):
-    """A fresh random scene: 1-6 objects of distinct colours and random paths."""
+def random_scene(rng, frames, size, n_objects=None, n_free=0, max_free=0):
+    """A fresh random scene: 1-6 objects of distinct colours and random paths,
+    then n_free free ones in front of them (or 0 to max_free, at random), at
+    most MAX_OBJECTS in all."""
     n = int(n_objects or rng.integers(1, MAX_OBJECTS + 1))
-    colors = rng.choice(len(OBJECT_COLORS), n, replace=False)
+    if max_free and not n_free:
+        n_free = int(rng.integers(0, min(max_free, MAX_OBJECTS - n) + 1))
+    colors = rng.choice(len(OBJECT_COLORS), n + n_free, replace=False)
     scale = size / 32
     objects = []
-    for k in range(n):
+    for k in range(n + n_free):
         obj_size = rng.uniform(4, 10) * scale
         margin = obj_size / 2
         centers = random_trajectory(rng, rng.choice(TRAJECTORIES), frames, margin, size - margin)
         objects.append(SceneObject(str(rng.choice(SHAPES)), tuple(int(c) for c in OBJECT_COLORS[colors[k]]),
-                                   float(obj_size), centers))
+                                   float(obj_size), centers, free=k >= n))
     background = {"kind": str(rng.choice(BACKGROUNDS)), "seed": int(rng.integers(1 << 31))}
     return Scene(size=size, frames=frames, background=background, objects=objects)
 
@@ -223,6 +228,7 @@ class Rendered:
     masks: np.ndarray    # (K, T, H, W) bool, visible part of each object (after occlusion)
     boxes: np.ndarray    # (K, T, 4) float, box of the whole object (amodal)
     colors: np.ndarray   # (K, 3) uint8, the objects' own colours
+    controlled: np.ndarray = None  # (K,) bool: False for free objects, which no trajectory map shows
     has_video: bool = True
 
 
@@ -239,7 +245,8 @@ def render(scene):
         visible[:k] &= ~full[k]  # what is painted later hides what lies behind
     boxes = np.stack([mask_to_box(m) for m in full])
     colors = np.array([o.color for o in scene.objects], dtype=np.uint8)
-    return Rendered(video.astype(np.float32), visible, boxes, colors)
+    controlled = np.array([not o.free for o in scene.objects])
+    return Rendered(video.astype(np.float32), visible, boxes, colors, controlled)
 
 
 def render_user_scene(scene):
@@ -258,14 +265,17 @@ def render_user_scene(scene):
                     np.zeros((K, 3), dtype=np.uint8), has_video=False)
 
 
-def trajectory_maps(masks, boxes, size):
+def trajectory_maps(masks, boxes, size, controlled=None):
     """The adapter's conditions, each (T, 3, H, W) float in [0, 1] on black:
     mask maps (visible masks in ID colours) and box maps (filled boxes in ID
-    colours, back to front), whose first frame is the segmentation mask."""
+    colours, back to front), whose first frame is the segmentation mask.
+    Only the controlled objects are drawn (default: all); a free one is not."""
     K, T = masks.shape[:2]
     mask_maps = np.zeros((T, size, size, 3), dtype=np.float32)
     box_maps = np.zeros((T, size, size, 3), dtype=np.float32)
     for k in range(K):
+        if controlled is not None and not controlled[k]:
+            continue
         mask_maps[masks[k]] = ID_COLORS[k]
         for t in range(1, T):
             x0, y0, x1, y1 = np.round(boxes[k, t]).astype(int)
@@ -279,19 +289,22 @@ def to_sample(rendered, size):
     """Tensors for the models, objects padded to MAX_OBJECTS slots:
     video (T, 3, H, W) in [-1, 1], mask_maps/box_maps (T, 3, H, W) in [0, 1],
     masks (MAX_OBJECTS, T, H, W) bool, boxes (MAX_OBJECTS, T, 4), colors
-    (MAX_OBJECTS, 3), n_objects ()."""
+    (MAX_OBJECTS, 3), controlled (MAX_OBJECTS,) bool (False for free objects
+    and empty slots), n_objects ()."""
     K, T = rendered.masks.shape[:2]
-    mask_maps, box_maps = trajectory_maps(rendered.masks, rendered.boxes, size)
+    is_controlled = np.ones(K, dtype=bool) if rendered.controlled is None else rendered.controlled
+    mask_maps, box_maps = trajectory_maps(rendered.masks, rendered.boxes, size, is_controlled)
     masks = np.zeros((MAX_OBJECTS, T, size, size), dtype=bool)
     boxes = np.zeros((MAX_OBJECTS, T, 4), dtype=np.float32)
     colors = np.zeros((MAX_OBJECTS, 3), dtype=np.uint8)
-    masks[:K], boxes[:K], colors[:K] = rendered.masks, rendered.boxes, rendered.colors
+    controlled = np.zeros(MAX_OBJECTS, dtype=bool)
+    masks[:K], boxes[:K], colors[:K], controlled[:K] = rendered.masks, rendered.boxes, rendered.colors, is_controlled
     video = rearrange(rendered.video, "t h w c -> t c h w") * 2 - 1
     return {
         "video": torch.from_numpy(np.ascontiguousarray(video)),
         "mask_maps": mask_maps, "box_maps": box_maps,
         "masks": torch.from_numpy(masks), "boxes": torch.from_numpy(boxes),
-        "colors": torch.from_numpy(colors), "n_objects": torch.tensor(K),
+        "colors": torch.from_numpy(colors), "controlled": torch.from_numpy(controlled), "n_objects": torch.tensor(K),
     }
 
 
@@ -327,19 +340,22 @@ class BatchStream(IterableDataset):
 
 
 class SpriteWorld(BatchStream):
-    """Fresh random scenes, `n_objects` per scene (random 1..6 when None)."""
+    """Fresh random scenes, `n_objects` controlled ones per scene (random 1..6
+    when None), and n_free free ones (or 0 to max_free at random) in front."""
 
-    def __init__(self, frames, size, batch_size, seed=0, rank=0, start=0, n_objects=None):
+    def __init__(self, frames, size, batch_size, seed=0, rank=0, start=0, n_objects=None, n_free=0, max_free=0):
         super().__init__(batch_size, seed, rank, start)
-        self.frames, self.size, self.n_objects = frames, size, n_objects
+        self.frames, self.size, self.n_objects, self.n_free, self.max_free = frames, size, n_objects, n_free, max_free
+
+    def scene(self, rng):
+        return random_scene(rng, self.frames, self.size, self.n_objects, self.n_free, self.max_free)
 
     def scenes(self, index):
         """The scenes behind batch `index`, as data.Scene objects."""
-        return [random_scene(self.rng(index, j), self.frames, self.size, self.n_objects)
-                for j in range(self.batch_size)]
+        return [self.scene(self.rng(index, j)) for j in range(self.batch_size)]
 
     def sample(self, rng):
-        return to_sample(render(random_scene(rng, self.frames, self.size, self.n_objects)), self.size)
+        return to_sample(render(self.scene(rng)), self.size)
 
 
 # ----------------------------------------------------------------- preview --

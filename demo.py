@@ -131,7 +131,8 @@ class Demo:
         boxes = batch["boxes"][0, :int(batch["n_objects"][0]), 0].tolist()  # (K, 4) in frame 0
         centers = [obj.centers[0].tolist() for obj in scene.objects] or \
             [[(x0 + x1) / 2, (y0 + y1) / 2] for x0, y0, x1, y1 in boxes]
-        return {"image": png, "objects": [{"box": b, "center": c} for b, c in zip(boxes, centers)]}
+        free = [obj.free for obj in scene.objects] or [False] * len(boxes)
+        return {"image": png, "objects": [{"box": b, "center": c, "free": f} for b, c, f in zip(boxes, centers, free)]}
 
     def random_scene(self, body):
         """A scene of the sprite world, as a scene file, drawn by the request's seed."""

@@ -84,14 +84,16 @@ def centroids(masks):
     return torch.stack([(m.sum(-2) * xs).sum(-1) / total, (m.sum(-1) * ys).sum(-1) / total], -1)
 
 
-def trajectory_accuracy(video, truth, masks, boxes, colors, n_objects):
+def trajectory_accuracy(video, truth, masks, boxes, colors, n_objects, controlled=None):
     """How well one generated clip follows its trajectories.
 
     video (T, 3, H, W) in [-1, 1]; truth the true clip (its background is
     what an object is told apart from); masks (K, T, H, W) the target visible masks,
     boxes (K, T, 4) the target boxes, colors (K, 3), as data.to_sample gives
-    them. Frame 0 is the given first frame, so only frames 1.. count, and only
-    where the object is visible in the target. Returns a dict of floats:
+    them; controlled (K,) bool: only those objects are scored (default: all),
+    though every object's colour takes part in the segmentation. Frame 0 is
+    the given first frame, so only frames 1.. count, and only where the object
+    is visible in the target. Returns a dict of floats:
       miou           mean over objects of the mean mask IoU over its frames;
       box_iou        the same for the box around the segmented pixels vs
                      the target box;
@@ -110,9 +112,13 @@ def trajectory_accuracy(video, truth, masks, boxes, colors, n_objects):
     distance = torch.where(present, distance, torch.full_like(distance, video.shape[-1] / 2))
     boxes_iou = box_iou(mask_boxes(found), boxes[:n, 1:].to(found.device))
 
+    scored = visible.any(1)
+    if controlled is not None:
+        scored &= controlled[:n].to(scored.device)
+
     def per_object_mean(values):
         weights = visible.float()
-        return ((values * weights).sum(1) / weights.sum(1).clamp(min=1))[visible.any(1)].mean().item()
+        return ((values * weights).sum(1) / weights.sum(1).clamp(min=1))[scored].mean().item()
 
     return {"miou": per_object_mean(inter / union), "box_iou": per_object_mean(boxes_iou),
             "center_err_px": per_object_mean(distance)}
@@ -121,7 +127,8 @@ def trajectory_accuracy(video, truth, masks, boxes, colors, n_objects):
 def batch_trajectory_accuracy(videos, batch):
     """trajectory_accuracy for each clip of a batch (data.collate's keys): a list of dicts."""
     return [trajectory_accuracy(videos[i], batch["video"][i], batch["masks"][i], batch["boxes"][i],
-                                batch["colors"][i], batch["n_objects"][i]) for i in range(len(videos))]
+                                batch["colors"][i], batch["n_objects"][i], batch["controlled"][i])
+            for i in range(len(videos))]
 
 
 def versus(ours, baseline, baseline_name):

@@ -7,7 +7,9 @@ coordinates (origin top-left, x to the right), objects back to front:
      "objects": [{"shape": "circle", "color": [230, 40, 40], "size": 7,
                   "path": [[6, 6], [16, 24], [26, 8]]}]}
 
-`path` is key points travelled at constant speed, or one point per frame. Or
+`path` is key points travelled at constant speed, or one point per frame;
+an object with "free": true moves along it on its own: no trajectory map
+shows it (the content the generator must invent) and no IoU scores it. Or
 your own first frame ("first_frame": "img.png", or the PNG itself as a data
 URL) and per object per-frame "boxes". A scene that is wrong anywhere is
 refused with every wrong field named; nothing is generated from a half-read
@@ -124,8 +126,10 @@ def parse_object(obj, where, size, frames, errors):
     """A SceneObject, or None with the wrong fields added to `errors`."""
     err, errors_before = errors.append, len(errors)
     for key in obj:
-        if key not in ("shape", "color", "size", "path"):
-            err(f"'{where}.{key}': unknown field (known: shape, color, size, path)")
+        if key not in ("shape", "color", "size", "path", "free"):
+            err(f"'{where}.{key}': unknown field (known: shape, color, size, path, free)")
+    if not isinstance(obj.get("free", False), bool):
+        err(f"'{where}.free': must be true or false")
     if obj.get("shape") not in data.SHAPES:
         err(f"'{where}.shape': must be one of {', '.join(data.SHAPES)}")
     if not is_color(obj.get("color")):
@@ -150,7 +154,7 @@ def parse_object(obj, where, size, frames, errors):
     points = np.asarray(points, dtype=np.float64)
     if len(points) != frames:  # key points: constant speed along the polyline
         points = data.resample_polyline(points, np.linspace(0, 1, frames))
-    return data.SceneObject(obj["shape"], tuple(obj["color"]), float(obj_size), points)
+    return data.SceneObject(obj["shape"], tuple(obj["color"]), float(obj_size), points, obj.get("free", False))
 
 
 def parse_user_boxes(obj, where, size, frames, err):
@@ -204,7 +208,8 @@ def scene_to_json(scene):
     return {
         "size": scene.size, "frames": scene.frames, "background": scene.background,
         "objects": [{"shape": o.shape, "color": list(o.color), "size": round(o.size, 3),
-                     "path": np.round(o.centers, 3).tolist()} for o in scene.objects],
+                     "path": np.round(o.centers, 3).tolist(), **({"free": True} if o.free else {})}
+                    for o in scene.objects],
     }
 
 

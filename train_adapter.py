@@ -37,6 +37,7 @@ FLAGS = dict(
     adapter=("controlnet", "controlnet | lora"),
     condition=(DEFAULT_CONDITION, "mask | box: which trajectory maps steer the objects"),
     mask_first=(0.0, "with box maps: read mask maps for this share of the steps first (the paper: masks, then boxes)"),
+    max_free=(0, "each training scene also holds 0 to this many free objects, which no map shows (data.random_scene)"),
     init_from=("", "start from this adapter checkpoint's EMA weights (same kind, same generator; its maps may "
                    "differ); default with mask maps: the box adapter checkpoints/slow_adapter_<adapter>_<config>.pt; "
                    "none: from scratch"),
@@ -145,7 +146,7 @@ def main(argv):
 
     shape = data.video_shape(opt.config)
     batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed, rank=run.rank,
-                                           start=run.step))
+                                           start=run.step, max_free=opt.max_free))
     rng = torch.Generator(device=device)
     scenes = data.SpriteWorld(**shape, batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED).batch(0)
     baseline = None  # the generator alone on the held-out scenes, measured once

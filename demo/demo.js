@@ -52,7 +52,8 @@ function draw() {
   context.clearRect(0, 0, canvas.width, canvas.height);
   if (state.image) context.drawImage(state.image, 0, 0, canvas.width, canvas.height);
   state.objects.forEach((object, k) => {
-    const color = ID_COLORS[k % ID_COLORS.length], [x0, y0, x1, y1] = object.box, path = state.paths[k];
+    const color = object.free ? "#888888" : ID_COLORS[k % ID_COLORS.length], [x0, y0, x1, y1] = object.box;
+    const path = state.paths[k];
     context.strokeStyle = context.fillStyle = color;
     context.setLineDash(k === state.selected ? [] : [6, 4]);
     context.lineWidth = k === state.selected ? 3 : 1.5;
@@ -82,8 +83,9 @@ function pointOf(event) {  // the pointer in the clip's pixels
   return [inFrame((event.clientX - rect.left) / s), inFrame((event.clientY - rect.top) / s)];
 }
 
-function objectAt([x, y]) {  // the front-most object whose first-frame box holds the point
+function objectAt([x, y]) {  // the front-most controlled object whose first-frame box holds the point
   for (let k = state.objects.length - 1; k >= 0; k--) {
+    if (state.objects[k].free) continue;  // a free object moves on its own
     const [x0, y0, x1, y1] = state.objects[k].box;
     if (x >= x0 - 1 && x <= x1 + 1 && y >= y0 - 1 && y <= y1 + 1) return k;
   }
@@ -173,7 +175,8 @@ function boxesAlong(box, center, path, frames) {  // a user-image scene: the fir
 function sceneToSend() {
   const scene = JSON.parse(JSON.stringify(state.scene));
   scene.objects.forEach((object, k) => {
-    const {box, center} = state.objects[k], path = state.paths[k] || [center];
+    const {box, center, free} = state.objects[k], path = state.paths[k] || [center];
+    if (free) return;  // it keeps the scene's own path
     if ("first_frame" in scene) object.boxes = boxesAlong(box, center, path, state.info.frames);
     else object.path = path.map((p) => p.map(round));
   });

@@ -124,3 +124,13 @@ def test_scene_folder_runs_its_files_and_refuses_what_it_cannot_measure(tmp_path
     result = bench(f"--checkpoints={tmp_path}", f"--scenes={folder}", "--methods=naive")
     assert result.returncode == 1 and "c.json" in result.stderr and "first_frame" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_free_objects_are_reported_by_controlled_and_free_counts(tmp_path):
+    micro_checkpoints(tmp_path)
+    result = bench(f"--checkpoints={tmp_path}", "--methods=naive", "--free=2", f"--json={tmp_path / 'r.json'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "r.json").read_text())["methods"]["naive"]
+    assert list(saved["by_objects"]) == ["1+2", "2+2", "3+2", "4+2", "5+1", "6+0"]
+    result = bench(f"--checkpoints={tmp_path}", "--free=1", "--scenes=scenes/")
+    assert result.returncode == 1 and "--free" in result.stderr and "Traceback" not in result.stderr

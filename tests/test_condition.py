@@ -22,8 +22,8 @@ MASK, BOX = 0.25, 0.75  # what each kind of map holds where it is not black, in 
 def test_mask_adapter_reads_mask_maps_in_every_stage(tmp_path, monkeypatch):
     real_maps = data.trajectory_maps
 
-    def marked_maps(masks, boxes, size):  # the two kinds told apart by their value alone
-        mask_maps, box_maps = real_maps(masks, boxes, size)
+    def marked_maps(masks, boxes, size, controlled=None):  # the two kinds told apart by their value alone
+        mask_maps, box_maps = real_maps(masks, boxes, size, controlled)
         return (mask_maps > 0).float() * MASK, (box_maps > 0).float() * BOX
 
     seen = []

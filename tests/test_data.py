@@ -204,3 +204,31 @@ def test_bad_flag_exits_with_one_line_and_no_traceback():
     result = subprocess.run([sys.executable, "data.py", "--colour=red"], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith("error: unknown option --colour") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_free_objects_move_but_no_map_shows_them():
+    plain = data.SpriteWorld(8, 32, batch_size=4, seed=7, n_objects=2).batch(0)
+    free = data.SpriteWorld(8, 32, batch_size=4, seed=7, n_objects=2, n_free=2).batch(0)
+    assert free["n_objects"].tolist() == [4] * 4 and free["controlled"][:, :4].tolist() == [[True, True, False, False]] * 4
+    for b in range(4):
+        drawn = free["mask_maps"][b].sum(1) > 0  # (T, H, W): what the maps show
+        controlled = free["masks"][b, :2].any(0)
+        assert torch.equal(drawn, controlled) and free["masks"][b, 2:4, 1:].any()  # the free ones are in the clip
+        moved = (free["boxes"][b, 2:4, -1] - free["boxes"][b, 2:4, 0]).abs().sum()
+        assert moved > 0
+    assert plain["controlled"][:, :2].all() and not plain["controlled"][:, 2:].any()
+    counts = data.SpriteWorld(8, 32, batch_size=64, seed=1, max_free=3).batch(0)
+    n_free = counts["n_objects"] - counts["controlled"].sum(1)
+    assert n_free.max() > 0 and (n_free == 0).any() and n_free.max() <= 3 and counts["n_objects"].max() <= 6
+
+
+def test_a_scene_file_marks_its_free_objects():
+    spec = {"size": 16, "frames": 4, "objects": [
+        {"shape": "circle", "color": [230, 40, 40], "size": 4, "path": [[3, 3], [12, 12]]},
+        {"shape": "square", "color": [40, 200, 60], "size": 4, "path": [[12, 3], [3, 12]], "free": True}]}
+    scene = scenes.parse_scene(spec)
+    assert [o.free for o in scene.objects] == [False, True]
+    assert scenes.scene_to_json(scene)["objects"][1]["free"] is True and "free" not in \
+        scenes.scene_to_json(scene)["objects"][0]
+    with pytest.raises(UserError, match=r"'objects\[1\]\.free': must be true or false"):
+        scenes.parse_scene({**spec, "objects": [spec["objects"][0], {**spec["objects"][1], "free": "yes"}]})

@@ -1,6 +1,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -171,3 +172,15 @@ def test_bootstrap_interval_of_a_mean_has_the_textbook_width():
     assert metrics.mean_interval([0.5] * 10) == [0.5, 0.5]
     narrow = metrics.mean_interval(values * 4)  # four times the scenes: half the width
     assert 0.4 < (narrow[1] - narrow[0]) / (hi - lo) < 0.6
+
+
+def test_free_objects_are_segmented_but_not_scored():
+    batch = data.SpriteWorld(4, 16, batch_size=3, seed=4, n_objects=1, n_free=1).batch(0)
+    for i in range(3):
+        truth, free = batch["video"][i], batch["masks"][i, 1]  # free: (T, H, W), the free object (in front)
+        video = torch.where(free[:, None], metrics.background_of(truth, batch["masks"][i, :2])[None], truth)  # gone
+        scored = metrics.trajectory_accuracy(video, batch["video"][i], batch["masks"][i], batch["boxes"][i],
+                                             batch["colors"][i], batch["n_objects"][i], batch["controlled"][i])
+        both = metrics.trajectory_accuracy(video, batch["video"][i], batch["masks"][i], batch["boxes"][i],
+                                           batch["colors"][i], batch["n_objects"][i])
+        assert scored["miou"] == pytest.approx(1.0) and both["miou"] < 1.0, (scored, both)

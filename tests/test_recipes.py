@@ -57,8 +57,10 @@ def test_defaults_rebuild_the_shipped_checkpoint(script, name, flags):
     for key, value in recorded.items():
         assert key in script.FLAGS or REMOVED[key] == value, (key, value)
     assert min(opt.stop_at or opt.max_steps, opt.max_steps) == ckpt["step"]  # the run stops where it stopped
-    if script is distill:  # a flag newer than the run: its default is what the run did
+    if script is distill:  # flags newer than the run: their defaults are what the run did
         assert opt.fast_shift == ckpt["time_shift"]
+    if script is train_adapter:
+        assert opt.max_free == recorded.get("max_free", 0)
 
 
 def test_the_mask_adapter_continues_the_box_one_by_default():
