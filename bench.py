@@ -64,6 +64,7 @@ HEADINGS = {"fid": "FID", "fvd": "FVD", "miou": "Mask IoU", "box_iou": "Box IoU"
 
 
 FLOOR_SEED = data.HELD_OUT_SEED + 100  # the real clips of the floor: other scenes than the bench's
+REFERENCE_CLIPS = 2048  # real clips behind FID and FVD (with --free; else those stored with the feature network)
 
 
 def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED, free=0):
@@ -71,7 +72,7 @@ def benchmark_scene_list(config, per_count, seed=data.HELD_OUT_SEED, free=0):
     controlled objects, each with `free` free ones (as many as fit) in front."""
     return [scene for n in range(1, data.MAX_OBJECTS + 1)
             for scene in data.SpriteWorld(**data.video_shape(config), batch_size=per_count, seed=seed + n,
-                                          n_objects=n, n_free=min(free, data.MAX_OBJECTS - n)).scenes(0)]
+                                          n_objects=n, n_free=free).scenes(0)]
 
 
 def benchmark_scenes(config, per_count, seed=data.HELD_OUT_SEED, free=0):
@@ -239,6 +240,9 @@ def main(argv):
                         f"python train_fvd.py --config={opt.config}")
     encoder, *references = fvd.load_encoder(encoder_path)
     opt.threads = set_threads(opt.threads)
+    if opt.free:  # FID and FVD against real clips of the same world: the stored statistics have no free objects
+        references = [fvd.Reference(*stats) for stats in fvd.reference_statistics(
+            encoder, opt.config, REFERENCE_CLIPS, seed=FLOOR_SEED + 1, free=opt.free)]
     if opt.instruments:
         write_json(opt.json, {"instruments": instruments(opt, encoder, references), "settings": vars(opt)})
         return

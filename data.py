@@ -202,9 +202,10 @@ def resample_polyline(points, progress):
 
 def random_scene(rng, frames, size, n_objects=None, n_free=0, max_free=0):
     """A fresh random scene: 1-6 objects of distinct colours and random paths,
-    then n_free free ones in front of them (or 0 to max_free, at random), at
-    most MAX_OBJECTS in all."""
+    then n_free free ones in front of them (or 0 to max_free, at random), as
+    many as fit in MAX_OBJECTS."""
     n = int(n_objects or rng.integers(1, MAX_OBJECTS + 1))
+    n_free = min(n_free, MAX_OBJECTS - n)
     if max_free and not n_free:
         n_free = int(rng.integers(0, min(max_free, MAX_OBJECTS - n) + 1))
     colors = rng.choice(len(OBJECT_COLORS), n + n_free, replace=False)

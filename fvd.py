@@ -183,11 +183,12 @@ class Reference:
                                    level)
 
 
-def reference_statistics(encoder, config, clips, seed):
+def reference_statistics(encoder, config, clips, seed, free=0):
     """Gaussians of the frame features and the clip features of `clips` fresh
-    real clips: ((frame mean, frame cov), (clip mean, clip cov))."""
+    real clips (with `free` free objects each, as many as fit): ((frame mean,
+    frame cov), (clip mean, clip cov))."""
     batch_size = min(64, clips)
-    stream = data.SpriteWorld(**data.video_shape(config), batch_size=batch_size, seed=seed)
+    stream = data.SpriteWorld(**data.video_shape(config), batch_size=batch_size, seed=seed, n_free=free)
     frames, clip_features = zip(*[embed(encoder, stream.batch(i)["video"])
                                   for i in tqdm(range(clips // batch_size), desc="reference statistics")])
     return gaussian_stats(torch.cat(frames).flatten(0, 1)), gaussian_stats(torch.cat(clip_features))
