@@ -9,6 +9,7 @@ figure with a 95% bootstrap interval over the scenes.
     python bench.py --scenes=scenes/                 # every *.json scene file in a folder instead
                                                      # (FID/FVD of a few clips is mostly noise: see its real row)
     python bench.py --instruments                    # the instruments on real clips with known flaws
+    python bench.py --free=1                         # a free object (no map) in every held-out scene
     python bench.py --pairs=flashmotion:naive        # paired differences (default: the paper's claims)
     python bench.py --condition=box --adapter=lora   # the LoRA adapters that read box maps
 """
