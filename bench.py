@@ -25,10 +25,9 @@ import data
 import degrade
 import fvd
 import metrics
-from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION
-from common import UserError, check_writable, parse_flags, require_at_least, require_one_of, set_threads
-from model import CONFIGS
-from sample import METHODS, check_method, checkpoint_paths, generate_clips, load_method
+from adapter import DEFAULT_CONDITION
+from common import UserError, check_writable, parse_flags, require_at_least, set_threads
+from sample import METHODS, check_family, check_method, checkpoint_paths, generate_clips, load_method
 from scenes import scene_batch
 from video import check_video_path, comparison_video, save_video
 
@@ -210,9 +209,7 @@ def instruments(opt, encoder, references):
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
-    require_one_of(opt, "config", CONFIGS)
-    require_one_of(opt, "adapter", ADAPTERS)
-    require_one_of(opt, "condition", CONDITIONS)
+    check_family(opt)
     require_at_least(opt, ("scenes_per_count", "teacher_steps"))
     names = opt.methods.split(",") if opt.methods else [
         m for m in METHODS if all(os.path.exists(p) for p in checkpoint_paths(m, opt.config, opt.adapter,

@@ -40,10 +40,9 @@ import numpy as np
 
 import data
 import scenes
-from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION
-from common import UserError, parse_flags, require_one_of, set_threads
-from model import CONFIGS
-from sample import METHODS, checkpoint_paths, load_method, sample_frames
+from adapter import DEFAULT_CONDITION
+from common import UserError, parse_flags, set_threads
+from sample import METHODS, check_family, checkpoint_paths, load_method, sample_frames
 from video import gif_bytes, to_uint8
 
 FLAGS = dict(
@@ -243,9 +242,7 @@ def serve(opt):
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
-    require_one_of(opt, "config", CONFIGS)
-    require_one_of(opt, "adapter", ADAPTERS)
-    require_one_of(opt, "condition", CONDITIONS)
+    check_family(opt)
     threads = set_threads(opt.threads)
     try:
         server = serve(opt)

@@ -76,6 +76,13 @@ class Method:
         return self.steps * (2 if self.sampler == "euler" and self.controlled and guidance != 1 else 1)
 
 
+def check_family(opt):
+    """The flags that pick a set of checkpoints: --config, --adapter, --condition."""
+    require_one_of(opt, "config", CONFIGS)
+    require_one_of(opt, "adapter", ADAPTERS)
+    require_one_of(opt, "condition", CONDITIONS)
+
+
 def check_method(name):
     if name not in METHODS:
         raise UserError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
@@ -182,9 +189,7 @@ def default_out(opt):
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
     check_method(opt.method)
-    require_one_of(opt, "config", CONFIGS)
-    require_one_of(opt, "adapter", ADAPTERS)
-    require_one_of(opt, "condition", CONDITIONS)
+    check_family(opt)
     require_at_least(opt, ("steps",))
     device = pick_device(opt.device)
     if METHODS[opt.method][2] == "few-step" and opt.steps not in (None, 4):
