@@ -171,14 +171,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def post(self, path):
         demo = self.server.demo
-        routes = {"/api/generate": None, "/api/first_frame": demo.first_frame, "/api/random_scene": demo.random_scene}
+        if path == "/api/generate":
+            gif, seconds = demo.generate(self.body())
+            return HTTPStatus.OK, "image/gif", gif, {"X-Seconds": f"{seconds:.4f}"}
+        routes = {"/api/first_frame": demo.first_frame, "/api/random_scene": demo.random_scene}
         if path not in routes:
             raise ApiError(HTTPStatus.NOT_FOUND, f"not found: {path}")
-        body = self.body()
-        if path != "/api/generate":
-            return self.json(routes[path](body))
-        gif, seconds = demo.generate(body)
-        return HTTPStatus.OK, "image/gif", gif, {"X-Seconds": f"{seconds:.4f}"}
+        return self.json(routes[path](self.body()))
 
     def body(self):
         """The request's JSON object, read only when it is at most MAX_BODY bytes."""
@@ -197,23 +196,22 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     @staticmethod
-    def json(value):
-        return HTTPStatus.OK, "application/json", json.dumps(value).encode(), {}
+    def json(value, status=HTTPStatus.OK):
+        return status, "application/json", json.dumps(value).encode(), {}
 
     def answer(self, handle):
         start = time.perf_counter()
         try:
             status, kind, payload, headers = handle()
         except ApiError as e:
-            status, kind, payload, headers = e.status, "application/json", json.dumps({"error": str(e)}).encode(), {}
+            status, kind, payload, headers = self.json({"error": str(e)}, e.status)
         except UserError as e:  # a wrong scene: sample.py's message, without its "error: "
-            message = str(e.code).removeprefix("error: ")
-            status, kind, payload, headers = HTTPStatus.BAD_REQUEST, "application/json", json.dumps(
-                {"error": message}).encode(), {}
+            status, kind, payload, headers = self.json({"error": str(e.code).removeprefix("error: ")},
+                                                       HTTPStatus.BAD_REQUEST)
         except Exception:
             traceback.print_exc()  # for the server's log; the client learns only that it failed
-            status, kind, payload, headers = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", json.dumps(
-                {"error": "internal error (the server's log has it)"}).encode(), {}
+            status, kind, payload, headers = self.json({"error": "internal error (the server's log has it)"},
+                                                       HTTPStatus.INTERNAL_SERVER_ERROR)
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(payload)))

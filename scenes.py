@@ -187,12 +187,13 @@ def read_first_frame(source, base_dir, size, err):
             return None
     else:
         uri = what = os.path.join(base_dir, source)
+    extension = ".png" if isinstance(uri, bytes) else None  # bytes name no format; a file's name does
     try:
-        shape = iio.improps(uri, extension=".png" if isinstance(uri, bytes) else None).shape  # header only
+        shape = iio.improps(uri, extension=extension).shape  # header only
         if max(shape[:2]) > MAX_IMAGE_SIDE:
             err(f"'first_frame': {what} is {shape[1]}x{shape[0]}, more than {MAX_IMAGE_SIDE} pixels a side")
             return None
-        image = np.asarray(iio.imread(uri, extension=".png" if isinstance(uri, bytes) else None))
+        image = np.asarray(iio.imread(uri, extension=extension))
     except Exception as e:
         err(f"'first_frame': cannot read image {what} ({e.__class__.__name__})")
         return None
