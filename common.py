@@ -356,7 +356,10 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Every rank reaches the barrier before any tears the group down: a rank
+    that leaves while rank 0 still writes the checkpoint can abort gloo."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
