@@ -113,6 +113,15 @@ def require_one_of(opt, key, choices):
         raise UserError(f"--{key} must be one of {', '.join(choices)}, got '{getattr(opt, key)}'")
 
 
+def require_indices(opt, key, limit):
+    """A flag of comma-separated indices in 0..limit-1 (blocks, steps), as a list."""
+    text = getattr(opt, key)
+    items = [int(i) for i in text.split(",") if i.isdigit()]
+    if len(items) != len(text.split(",")) or any(i >= limit for i in items):
+        raise UserError(f"--{key} must be comma-separated numbers in 0..{limit - 1}, got '{text}'")
+    return items
+
+
 def check_writable(path):
     """Refuse, before any work, an output file that cannot be written, naming
     it; nothing is created. The nearest existing folder on its way must take a

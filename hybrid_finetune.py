@@ -6,11 +6,10 @@ fast generator, along its own 4-step path (backward simulation), with
 
   a diffusion loss     a real clip noised to step k's time must come back as
                        itself (with its true maps): it keeps objects on their paths;
-  an adversarial loss  the paper's diffusion discriminator: the frozen slow
-                       generator reads a clip re-noised at a random t, and per
-                       chosen block a learnable query token attends to the
-                       first-frame, trajectory and video tokens and makes a
-                       real/fake logit (non-saturating, as DMD2): it keeps clips sharp.
+  an adversarial loss  the paper's diffusion discriminator: the frozen slow generator
+                       reads a clip re-noised at a random t; per chosen block a learnable
+                       query token attends to the first-frame, trajectory and video tokens
+                       and makes a real/fake logit (non-saturating, DMD2): clips stay sharp.
 
   adapter loss = adversarial + lambda(step) * diffusion        (--loss=hybrid)
 
@@ -34,13 +33,13 @@ import data
 import metrics
 from adapter import Controlled, adapter_from_checkpoint, trajectory_channels, trajectory_token_dim
 from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
-                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
-from model import (CONFIGS, add_noise, config_dict, fast_generate, fast_times, few_step_sample, few_step_step,
-                   model_from_checkpoint, pick_step)
+                    noise_seed, parse_flags, require_at_least, require_indices, require_one_of, set_lr)
+from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, fast_times, few_step_sample,
+                   few_step_step, model_from_checkpoint, pick_step, sample_training_time)
 from video import comparison_video, save_video
 
 LOSSES = ("hybrid", "fixed_lambda", "diffusion", "adversarial")
-DISC_MAX_T = 0.6  # the discriminator's t ~ U(0.02, 0.6): above ~0.7 clips are hardly told apart (docs)
+DISC_MAX_T = 0.6  # --disc_noise=low: t ~ U(0.02, 0.6); above ~0.7 clips are hardly told apart (docs)
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the checkpoints"),
@@ -50,6 +49,9 @@ FLAGS = dict(
     loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial"),
     balance=(True, "scale the adversarial gradient to the diffusion gradient's norm before lambda mixes them"),
     disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
+    adv_steps=("0,1,2,3", "which of the 4 sampler steps the adversarial loss judges (k drawn among them)"),
+    disc_noise=("low", "the discriminator's t: low, U(0.02, 0.6); dmd, DMD's shifted t in [0.02, 0.98] (DMD2)"),
+    max_free=(0, "0 to this many free objects (no map) per training scene, as train_adapter.py"),
     out_dir=("", "default runs/fast_adapter_<loss>_<config>"),
     batch_size=(8, "clips per rank and step"),
     max_steps=(500, "length of the lr schedule"),
@@ -135,8 +137,10 @@ def discriminator_loss(logits_real, logits_fake):
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
 
-def disc_time(batch, rng, device):
-    """The discriminator's noise levels, t ~ U(0.02, DISC_MAX_T)."""
+def disc_time(batch, rng, device, kind):
+    """The discriminator's t: low, U(0.02, DISC_MAX_T); dmd, DMD's shifted t (distill.py), as DMD2's GAN."""
+    if kind == "dmd":
+        return sample_training_time(batch, rng, device).clamp(0.02, 0.98)
     return 0.02 + (DISC_MAX_T - 0.02) * torch.rand(batch, generator=rng, device=device)
 
 
@@ -158,7 +162,7 @@ def diffusion_loss(model, video, times, k, cond, rng):
     return F.mse_loss(predicted.float(), video)
 
 
-def adversarial_loss(model, discriminator, video, times, k, cond, rng):
+def adversarial_loss(model, discriminator, video, times, k, cond, rng, disc_noise):
     """The adapted fast generator's own clip at step k (backward simulation:
     its first k steps run without grad), judged by the discriminator.
     Returns (the non-saturating loss, the clip detached)."""
@@ -168,16 +172,16 @@ def adversarial_loss(model, discriminator, video, times, k, cond, rng):
         x_k = few_step_sample(model, noise, times, cond, rng, stop_after=k)
     with autocast(device):
         generated = few_step_step(model, x_k, times[k], cond)
-        t = disc_time(len(video), rng, device)
+        t = disc_time(len(video), rng, device, disc_noise)
         renoise = torch.randn(video.shape, generator=rng, device=device)
         loss = F.softplus(-discriminator(generated, t, renoise, cond).float()).mean()  # non-saturating
     return loss, generated.detach().float()
 
 
-def discriminator_update(discriminator, optimizer, real, fake, cond, rng):
+def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_noise):
     """One step of the classifier: real clips against generated ones, re-noised
     alike, in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
-    t = disc_time(len(real), rng, real.device)
+    t = disc_time(len(real), rng, real.device, disc_noise)
     noise = torch.randn(real.shape, generator=rng, device=real.device)
     with autocast(real.device):
         logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([noise, noise]),
@@ -199,12 +203,10 @@ def take_gradients(module):
 
 
 def mix_gradients(adapter, gradients, weight, balance):
-    """Set the adapter's gradient to  lambda * diffusion + s * adversarial.
-    Our adversarial gradient is 3 to 100 times the diffusion one (docs/results.md,
-    stage 3), so as written it would lead after the first few percent of the run.
-    With balance, s scales it to the diffusion gradient's norm (VQGAN's adaptive
-    weight), and lambda = 10 -> 0.24 hands over as the paper intends; without
-    (or with one loss alone), s = 1. Returns s."""
+    """Set the adapter's gradient to  lambda * diffusion + s * adversarial. Ours is 3 to
+    100 times the diffusion one (docs/results.md), so as written it would lead after a few
+    percent of the run. With balance, s scales it to the diffusion gradient's norm (VQGAN's
+    adaptive weight), and lambda = 10 -> 0.24 hands over as the paper intends; else s = 1."""
     diffusion, adversarial = gradients.get("diffusion"), gradients.get("adversarial")
     scale = 1.0
     if balance and diffusion is not None and adversarial is not None:
@@ -218,24 +220,22 @@ def mix_gradients(adapter, gradients, weight, balance):
 # ------------------------------------------------------------------ loop ---
 
 def check_flags(opt):
-    """Refuse wrong flags, fill in the default paths; returns the discriminator's blocks."""
+    """Refuse wrong flags, fill in the default paths; returns the discriminator's blocks and the GAN's steps."""
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "loss", LOSSES)
+    require_one_of(opt, "disc_noise", ("low", "dmd"))
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "eval_scenes"))
-    depth = CONFIGS[opt.config].depth
-    blocks = [int(b) for b in opt.disc_blocks.split(",") if b.isdigit()]
-    if len(blocks) != len(opt.disc_blocks.split(",")) or any(b >= depth for b in blocks):
-        raise UserError(f"--disc_blocks must be comma-separated blocks in 0..{depth - 1}, got '{opt.disc_blocks}'")
+    require_at_least(opt, ("max_free",), 0)
     opt.fast_generator_ckpt = opt.fast_generator_ckpt or f"checkpoints/fast_generator_{opt.config}.pt"
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
     opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"
     opt.out_dir = opt.out_dir or f"runs/fast_adapter_{opt.loss}_{opt.config}"
-    return blocks
+    return (require_indices(opt, "disc_blocks", CONFIGS[opt.config].depth),
+            require_indices(opt, "adv_steps", len(FAST_TIMES)))
 
 
 def networks(opt, run, blocks):
-    """The frozen fast generator, the adapter to finetune (the slow adapter on it:
-    the naive pairing) and its EMA, the naive pairing kept as it is, and the discriminator."""
+    """The frozen fast generator, the adapter to finetune and its EMA, the naive pairing as is, the discriminator."""
     fast_ckpt = load_checkpoint(opt.fast_generator_ckpt, kind="fast_generator")
     slow_ckpt = load_checkpoint(opt.slow_generator_ckpt, kind="slow_generator")
     adapter_ckpt = load_checkpoint(opt.adapter_ckpt, kind="slow_adapter")
@@ -255,7 +255,7 @@ def networks(opt, run, blocks):
     return fast_ckpt, adapter_ckpt, fast_generator, adapter, ema_adapter, naive_pairing, discriminator
 
 
-def adapter_update(train_model, adapter, discriminator, video, times, k, cond, weight, opt, rng, record):
+def adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weight, opt, rng, record):
     """The adapter's gradient: each loss has its own forward and backward (as DDP wants), kept
     apart, then mixed. Returns the generated clips (None without the adversarial loss)."""
     gradients, fake = {}, None
@@ -265,7 +265,7 @@ def adapter_update(train_model, adapter, discriminator, video, times, k, cond, w
         gradients["diffusion"] = take_gradients(adapter)
         record["diffusion"] = round(diffusion.item(), 5)
     if opt.loss != "diffusion":
-        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k, cond, rng)
+        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k_adv, cond, rng, opt.disc_noise)
         adversarial.backward()
         discriminator.classifier.zero_grad(set_to_none=True)  # the adapter's loss must not train the classifier
         gradients["adversarial"] = take_gradients(adapter)
@@ -280,14 +280,13 @@ def held_out(model, scenes, shift, device):
     with autocast(device):
         rng = torch.Generator(device=device).manual_seed(0)
         videos = fast_generate(model, scenes["video"][:, 0].to(device), shift, rng,
-                               trajectory=model.trajectory(scenes).to(device))
-    videos = videos.float().cpu()
+                               trajectory=model.trajectory(scenes).to(device)).float().cpu()
     return videos, metrics.mean_of(metrics.batch_trajectory_accuracy(videos, scenes))
 
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
-    blocks = check_flags(opt)
+    blocks, adv_steps = check_flags(opt)
     run = Run(opt, kind="fast_adapter")
     device = run.device
     fast_ckpt, adapter_ckpt, fast_generator, adapter, ema_adapter, naive_pairing, discriminator = \
@@ -305,10 +304,9 @@ def main(argv):
     ema_model = Controlled(fast_generator, ema_adapter)
     shift = fast_ckpt["time_shift"]  # the 4-step sampler the fast generator was distilled for
     times = fast_times(shift, device)
-
     shape = data.video_shape(opt.config)
     batches = run.batches(data.SpriteWorld(**shape, batch_size=opt.batch_size, seed=opt.seed, rank=run.rank,
-                                           start=run.step))
+                                           start=run.step, max_free=opt.max_free))
     rng = torch.Generator(device=device)
     scenes = data.SpriteWorld(**shape, batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED).batch(0)
     naive = None  # the naive pairing on the held-out scenes, measured once
@@ -319,16 +317,18 @@ def main(argv):
         rng.manual_seed(noise_seed(opt.seed, run.rank, step))
         set_lr(optimizer_adapter, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         k = pick_step(opt.seed, step, len(times))  # one step of the 4-step list for the whole batch
+        k_adv = adv_steps[pick_step(opt.seed, step, len(adv_steps))]  # k itself when the GAN judges every step
         weight = diffusion_weight(opt.loss, step, opt.max_steps)
-        record = {"k": k, "lambda": round(weight, 4)}
-        fake = adapter_update(train_model, adapter, discriminator, video, times, k, cond, weight, opt, rng, record)
+        record = {"k": k, "k_adv": k_adv, "lambda": round(weight, 4)}
+        fake = adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weight, opt, rng,
+                              record)
         record["adapter_grad_norm"] = round(clipped_step(optimizer_adapter, adapter, opt.grad_clip), 5)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
         if fake is not None:  # the classifier learns from the same generated clips
             set_lr(optimizer_discriminator, lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps))
-            disc_loss, accuracy = discriminator_update(train_disc, optimizer_discriminator, video, fake, cond, rng)
+            disc_loss, accuracy = discriminator_update(train_disc, optimizer_discriminator, video, fake, cond, rng,
+                                                       opt.disc_noise)
             record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
-
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt, loss=opt.loss,
                      adapter_parent=adapter_ckpt["run_id"], generator_config=config_dict(fast_generator),

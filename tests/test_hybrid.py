@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import common
 from adapter import Controlled, build_adapter
-from hybrid_finetune import DiffusionDiscriminator, LOSSES, diffusion_weight, discriminator_loss, mix_gradients
+from hybrid_finetune import (DISC_MAX_T, LOSSES, DiffusionDiscriminator, diffusion_weight, disc_time,
+                             discriminator_loss, mix_gradients)
 from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
@@ -131,9 +132,24 @@ def test_finetune_script_runs_every_loss_and_refuses_mismatches(tmp_path):
     assert bad.returncode == 1 and "'hybrid' adapter" in bad.stderr and "Traceback" not in bad.stderr
     bad = run(*paths[:2], f"--adapter_ckpt={tmp_path / 'fast.pt'}", f"--out_dir={tmp_path / 'bad'}")
     assert bad.returncode == 1 and "expected 'slow_adapter'" in bad.stderr and "Traceback" not in bad.stderr
-    for flag in ("--disc_blocks=0,9", "--disc_blocks=late", "--loss=gan"):
+    for flag in ("--disc_blocks=0,9", "--disc_blocks=late", "--loss=gan", "--adv_steps=4", "--disc_noise=high",
+                 "--max_free=-1"):
         bad = run(*paths, flag, f"--out_dir={tmp_path / 'bad'}")
         assert bad.returncode == 1 and flag.split("=")[0] in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_the_gan_judges_only_the_chosen_steps_at_the_chosen_noise(tmp_path):
+    paths, _ = stage3_inputs(tmp_path)
+    result = subprocess.run([sys.executable, "hybrid_finetune.py", *MICRO_STAGE3, *paths, "--max_steps=6",
+                             "--adv_steps=3", "--disc_noise=dmd", "--max_free=2", "--sample_interval=0",
+                             f"--out_dir={tmp_path / 'last'}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "last" / "log.jsonl")]
+    assert all(r["k_adv"] == 3 for r in log) and len({r["k"] for r in log}) > 1  # the diffusion loss: every step
+    rng = torch.Generator().manual_seed(0)
+    low, dmd = disc_time(4096, rng, "cpu", "low"), disc_time(4096, rng, "cpu", "dmd")
+    assert 0.02 <= low.min() and low.max() <= DISC_MAX_T
+    assert 0.02 <= dmd.min() and dmd.max() <= 0.98 and (dmd > 0.9).float().mean() > 0.1  # shifted: mostly noisy
 
 
 def test_two_process_ddp_hybrid_keeps_ranks_in_sync(tmp_path):
