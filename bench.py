@@ -27,7 +27,7 @@ import fvd
 import metrics
 from adapter import DEFAULT_CONDITION
 from common import UserError, check_writable, parse_flags, require_at_least, set_threads
-from sample import METHODS, check_family, check_method, checkpoint_paths, generate_clips, load_method
+from sample import ROLE_FLAGS, available_methods, check_family, check_method, generate_clips, load_method, own_files
 from scenes import scene_batch
 from video import check_video_path, comparison_video, save_video
 
@@ -55,6 +55,7 @@ FLAGS = dict(
     threads=(0, "CPU threads; 0: half the cores (common.set_threads), 1 on a 2-core machine"),
     pairs=("default", "comma-separated a:b, a minus b on the same scenes and noise with paired intervals; "
                       "default: the paper's claims (DEFAULT_PAIRS) among the methods measured"),
+    **ROLE_FLAGS,
 )
 # The paper's FlashBench columns first, then our extra statistics.
 PAPER_COLUMNS = ["fid", "fvd", "miou", "box_iou", "nfe", "ms_per_video"]
@@ -211,9 +212,7 @@ def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
     check_family(opt)
     require_at_least(opt, ("scenes_per_count", "teacher_steps"))
-    names = opt.methods.split(",") if opt.methods else [
-        m for m in METHODS if all(os.path.exists(p) for p in checkpoint_paths(m, opt.config, opt.adapter,
-                                                                                 opt.condition, opt.checkpoints))]
+    names = opt.methods.split(",") if opt.methods else available_methods(opt)
     for name in names:
         check_method(name)
     if not names and not opt.instruments:
@@ -251,7 +250,7 @@ def main(argv):
     results, clips, per_scene = {}, {}, {}
     for name in names:
         method = load_method(name, opt.config, opt.adapter, opt.condition, opt.checkpoints,
-                             teacher_steps=opt.teacher_steps)
+                             teacher_steps=opt.teacher_steps, files=own_files(opt))
         results[name], clips[name], per_scene[name] = measure(method, scenes, encoder, references, opt)
         r = results[name]
         print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "

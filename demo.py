@@ -42,7 +42,7 @@ import data
 import scenes
 from adapter import DEFAULT_CONDITION
 from common import UserError, parse_flags, set_threads
-from sample import METHODS, check_family, checkpoint_paths, load_method, sample_frames
+from sample import METHODS, ROLE_FLAGS, available_methods, check_family, load_method, own_files, sample_frames
 from video import gif_bytes, to_uint8
 
 FLAGS = dict(
@@ -53,6 +53,7 @@ FLAGS = dict(
     adapter=("controlnet", "controlnet | lora: the adapter family"),
     condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read"),
     threads=(0, "CPU threads; 0: half the cores (common.set_threads)"),
+    **ROLE_FLAGS,
 )
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.js": ("demo.js", "text/javascript"),
@@ -75,12 +76,11 @@ class Demo:
         self.opt = opt
         shape = data.video_shape(opt.config)
         self.size, self.frames = shape["size"], shape["frames"]
-        available = [name for name in METHODS if all(
-            os.path.exists(p) for p in checkpoint_paths(name, opt.config, opt.adapter, opt.condition, opt.checkpoints))]
+        available = available_methods(opt)
         if not available:
             raise UserError(f"no method has its checkpoints in {opt.checkpoints}/: run bash pipeline.sh {opt.config}")
-        self.methods = {name: load_method(name, opt.config, opt.adapter, opt.condition, opt.checkpoints)
-                        for name in available}
+        self.methods = {name: load_method(name, opt.config, opt.adapter, opt.condition, opt.checkpoints,
+                                          files=own_files(opt)) for name in available}
         self.examples = {os.path.splitext(os.path.basename(path))[0]: scenes.read_json(path)
                          for path in sorted(glob.glob("scenes/*.json"))}
         self.lock = threading.Lock()

@@ -57,6 +57,11 @@ METHODS = {
     "flashmotion": ("fast_generator", "fast_adapter_hybrid_{adapter}{maps}", "few-step", 4),
 }
 TEACHER_STEPS = 50
+# --<role>=PATH: a run's own checkpoint (runs/<name>/ckpt.pt or an exported file) replaces the folder's file
+# of that role, for every method that uses it; the lineage checks still hold (adapter_from_checkpoint).
+ROLES = ("slow_generator", "slow_adapter", "fast_generator", "fast_adapter", "dmd_joint")
+ROLE_FLAGS = {role: ("", f"a {role} checkpoint (a run's ckpt.pt, or an export) instead of the folder's")
+              for role in ROLES}
 
 
 @dataclass
@@ -88,20 +93,33 @@ def check_method(name):
         raise UserError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
 
 
-def checkpoint_paths(name, config, adapter_kind, condition=DEFAULT_CONDITION, folder="checkpoints"):
-    """The checkpoint files a method needs: [generator] or [generator, adapter]."""
+def checkpoint_paths(name, config, adapter_kind, condition=DEFAULT_CONDITION, folder="checkpoints", files=None):
+    """The checkpoint files a method needs: [generator] or [generator, adapter];
+    files {role: path} (ROLES) in place of the folder's."""
     generator, adapter, _, _ = METHODS[name]
     maps = "_mask" if condition == "mask" else ""
     names = [generator.format(maps=maps)] + ([adapter.format(adapter=adapter_kind, maps=maps)] if adapter else [])
-    return [os.path.join(folder, f"{n}_{config}.pt") for n in names]
+    role = lambda n: next(r for r in ROLES if n.startswith(r))
+    return [(files or {}).get(role(n)) or os.path.join(folder, f"{n}_{config}.pt") for n in names]
+
+
+def own_files(opt):
+    """The --<role> files given, {role: path}."""
+    return {role: getattr(opt, role) for role in ROLES if getattr(opt, role)}
+
+
+def available_methods(opt):
+    """The methods whose checkpoints exist, for the family the flags pick."""
+    return [name for name in METHODS if all(os.path.exists(path) for path in checkpoint_paths(
+        name, opt.config, opt.adapter, opt.condition, opt.checkpoints, own_files(opt)))]
 
 
 def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAULT_CONDITION, folder="checkpoints",
-                device="cpu", teacher_steps=TEACHER_STEPS):
-    """A Method, its networks loaded from `folder` in eval mode on `device`;
-    its adapter reads `condition` maps (mask | box)."""
+                device="cpu", teacher_steps=TEACHER_STEPS, files=None):
+    """A Method, its networks loaded from `folder` (or `files`, by role) in eval
+    mode on `device`; its adapter reads `condition` maps (mask | box)."""
     check_method(name)
-    paths = checkpoint_paths(name, config, adapter_kind, condition, folder)
+    paths = checkpoint_paths(name, config, adapter_kind, condition, folder, files)
     for path in paths:
         if not os.path.exists(path):
             raise UserError(f"method '{name}' needs {path}, which is missing; {how_to_make(path)}")
@@ -175,6 +193,7 @@ FLAGS = dict(
     device=("cpu", "cpu | cuda"),
     boxes=(True, "draw the target boxes over the clip"),
     threads=(0, "CPU threads; 0: half the cores (common.set_threads)"),
+    **ROLE_FLAGS,
 )
 
 
@@ -198,7 +217,8 @@ def main(argv):
     check_video_path(out)  # before any work: a bad --out loses nothing
     scene = scene_batch([opt.scene], opt.config)  # refuses a bad scene, naming every wrong field
     set_threads(opt.threads)
-    method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device)
+    method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device,
+                         files=own_files(opt))
     frames, seconds = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes)
     save_video(out, frames)
     print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "

@@ -55,3 +55,26 @@ def test_each_family_writes_its_own_file_by_default():
     out = lambda *argv: sample.default_out(parse_flags(sample.FLAGS, list(argv), ""))
     assert out() == "samples/flashmotion_default.gif"
     assert len({out(), out("--condition=box"), out("--adapter=lora"), out("--adapter=lora", "--condition=box")}) == 4
+
+
+def test_a_runs_own_checkpoint_stands_in_for_the_folders_and_a_wrong_pairing_is_refused(micro_folder):
+    import common
+    slow_adapter = common.load_checkpoint(micro_folder / "slow_adapter_controlnet_mask_micro.pt")
+    run = micro_folder / "runs" / "mine"
+    run.mkdir(parents=True)
+    for parent, name in (("fast-run", "ckpt.pt"), ("other-run", "stranger.pt")):  # a stage-3 run, another's
+        common.save_checkpoint(run / name, slow_adapter | {"kind": "fast_adapter", "parent": parent,
+                                                           "parent_path": "fast.pt"})
+    out = micro_folder / "mine.gif"
+    missing = sample(micro_folder, "--method", "flashmotion", "--out", str(out))
+    assert missing.returncode == 1 and "fast_adapter_hybrid_controlnet_mask_micro.pt" in missing.stderr
+    mine = sample(micro_folder, "--method", "flashmotion", f"--fast_adapter={run / 'ckpt.pt'}", "--out", str(out))
+    assert mine.returncode == 0 and out.exists(), mine.stderr[-2000:]
+    (micro_folder / "fast_generator_micro.pt").rename(run / "fast.pt")  # the generator from elsewhere too
+    mine = sample(micro_folder, "--method", "flashmotion", f"--fast_generator={run / 'fast.pt'}",
+                  f"--fast_adapter={run / 'ckpt.pt'}", "--out", str(micro_folder / "again.gif"))
+    assert mine.returncode == 0 and np.array_equal(iio.imread(out), iio.imread(micro_folder / "again.gif"))
+    wrong = sample(micro_folder, "--method", "flashmotion", f"--fast_generator={run / 'fast.pt'}",
+                   f"--fast_adapter={run / 'stranger.pt'}", "--out", str(micro_folder / "wrong.gif"))
+    assert wrong.returncode == 1 and "other-run" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    assert not (micro_folder / "wrong.gif").exists()
