@@ -274,7 +274,7 @@ def main(argv):
     if opt.gif:
         # one scene with 1, 3 and 5 objects (a folder: its first three scenes)
         picks = range(min(3, len(scenes["video"]))) if opt.scenes else [i * opt.scenes_per_count for i in (0, 2, 4)]
-        save_video(opt.gif, comparison_video(scenes, list(clips.values()), picks))
+        save_video(opt.gif, comparison_video(scenes, list(clips.values()), picks, list(clips)))
         print(f"\nside by side (truth, {', '.join(results)}): {opt.gif}", file=sys.stderr)
 
 

@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from plot import write_curves
+
 
 class UserError(SystemExit):
     """A mistake in what the user gave us (flag, scene, path). Uncaught, Python
@@ -321,6 +323,8 @@ class Run:
         if self.master:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+            if self.due(getattr(self.opt, "ckpt_interval", 0)):  # the curves as a picture, with each checkpoint
+                write_curves(self.log_file.name, os.path.join(self.opt.out_dir, "curves.png"))
 
     def write(self, message):
         """A line of text above the progress bar (rank 0)."""

@@ -163,7 +163,8 @@ def write_samples(real_score, ema_generator, opt, run):
                  generate(real_score, first, steps=4, rng=seed(), **cond),
                  fast_generate(ema_generator, first, opt.fast_shift, rng=seed(), **cond)]
     path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
-    save_video(path, comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4)))
+    save_video(path, comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4),
+                                         ["teacher 50", "teacher 4", "student 4"]))
     return path
 
 

@@ -339,8 +339,8 @@ def main(argv):
         if run.master and run.due(opt.sample_interval):
             naive = naive or held_out(naive_pairing, scenes, shift, device)
             videos, accuracy = held_out(ema_model, scenes, shift, device)
-            save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",  # target | naive | finetuned
-                       comparison_video(scenes, [naive[0], videos], range(min(4, opt.eval_scenes))))
+            save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif", comparison_video(
+                scenes, [naive[0], videos], range(min(4, opt.eval_scenes)), ["naive", "finetuned"]))
             record["held_out"] = {"naive": naive[1], "finetuned": accuracy}
             run.write(f"step {run.step}: {metrics.versus(accuracy, naive[1], 'naive')}")
         run.log(record, clips=len(video))

@@ -176,7 +176,8 @@ def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True):
     clip = to_uint8(video[0])
     clip = draw_boxes(clip, scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy(), 8) if boxes else \
         upscale(clip, 8)
-    return video_grid([[clip, upscale(maps_to_uint8(maps[0]), 8)]]), seconds
+    labels = [method.name, "the maps it read" if method.controlled else "the maps (not read)"]
+    return video_grid([[clip, upscale(maps_to_uint8(maps[0]), 8)]], labels=labels), seconds
 
 
 FLAGS = dict(

@@ -75,7 +75,7 @@ def write_samples(ema_model, opt, run):
         generated = generate(ema_model, scenes["video"][:, 0].to(run.device), steps=opt.sample_steps,
                              guidance=opt.sample_guidance, rng=torch.Generator(device=run.device).manual_seed(0))
     path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
-    save_video(path, comparison_video(scenes, [generated.cpu()], range(4)))
+    save_video(path, comparison_video(scenes, [generated.cpu()], range(4), ["generated"]))
     return path
 
 

@@ -159,7 +159,8 @@ def main(argv):
             baseline = held_out(ema_model, scenes, opt.sample_steps, use_adapter=False)
         videos, accuracy = held_out(ema_model, scenes, opt.sample_steps, opt.sample_guidance)
         save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",
-                   comparison_video(scenes, [baseline[0], videos], range(min(4, opt.eval_scenes))))
+                   comparison_video(scenes, [baseline[0], videos], range(min(4, opt.eval_scenes)),
+                                    ["no adapter", "adapter"]))
         return {"no_adapter": baseline[1], "adapter": accuracy}
 
     adapter.train()

@@ -13,6 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 from einops import rearrange
+from PIL import Image, ImageDraw, ImageFont  # Pillow, imageio's own dependency: only for the labels' text
 
 from common import UserError, check_writable
 
@@ -55,14 +56,32 @@ def draw_boxes(frames, boxes, factor=1):
     return frames
 
 
-def video_grid(rows, gap=2):
-    """Tile a list of rows, each a list of (T, H, W, 3) uint8 clips, into one clip."""
+def video_grid(rows, gap=2, labels=None):
+    """Tile a list of rows, each a list of (T, H, W, 3) uint8 clips, into one
+    clip; `labels` name the columns in a band above them."""
     def hcat(clips):
         pad = np.full((clips[0].shape[0], clips[0].shape[1], gap, 3), 255, np.uint8)
         return np.concatenate(sum(([c, pad] for c in clips), [])[:-1], axis=2)
     lines = [hcat(r) for r in rows]
+    if labels:
+        band = label_band(labels, [clip.shape[2] for clip in rows[0]], gap)
+        lines.insert(0, np.broadcast_to(band, (lines[0].shape[0], *band.shape)))
     pad = np.full((lines[0].shape[0], gap, lines[0].shape[2], 3), 255, np.uint8)
     return np.concatenate(sum(([line, pad] for line in lines), [])[:-1], axis=1)
+
+
+def label_band(labels, widths, gap=2):
+    """A white (H, W, 3) band, each label centred over its column; the text is
+    as large as the narrowest column lets the longest label be (7 to 11 px)."""
+    longest = max(labels, key=len)
+    size = next((s for s in range(11, 6, -1) if ImageFont.load_default(s).getlength(longest) <= min(widths)), 7)
+    font = ImageFont.load_default(size)
+    band = Image.new("RGB", (sum(widths) + gap * (len(widths) - 1), size + 3), "white")
+    draw, x = ImageDraw.Draw(band), 0
+    for label, width in zip(labels, widths):
+        draw.text((x + max(0, (width - font.getlength(label)) / 2), 1), label, fill=(40, 40, 40), font=font)
+        x += width + gap
+    return np.asarray(band)
 
 
 VIDEO_FORMATS = (".gif", ".mp4")
@@ -100,11 +119,12 @@ def save_video(path, frames, fps=8):
         iio.imwrite(path, padded, plugin="FFMPEG", fps=fps)
 
 
-def comparison_video(scenes, clips, indices, factor=4):
+def comparison_video(scenes, clips, indices, labels, factor=4):
     """Rows, one per scene index, of the true clip then each of `clips`
-    (B, T, 3, H, W), the scene's target boxes drawn over all: one uint8 clip."""
+    (B, T, 3, H, W), the scene's target boxes drawn over all, the columns
+    named "truth", *labels: one uint8 clip."""
     rows = []
     for i in indices:
         boxes = scenes["boxes"][i, :int(scenes["n_objects"][i])].numpy()
         rows.append([draw_boxes(to_uint8(clip[i]), boxes, factor) for clip in [scenes["video"], *clips]])
-    return video_grid(rows)
+    return video_grid(rows, labels=["truth", *labels])

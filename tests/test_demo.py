@@ -165,9 +165,9 @@ def browser():
 
 
 def clip_of(gif, size=32):
-    """The generated clip of the page's GIF (clip 8x beside the maps): (T, 3, size, size) in [-1, 1]."""
+    """The generated clip of the page's GIF (clip 8x under its label, beside the maps): (T, 3, size, size) in [-1, 1]."""
     frames = iio.imread(gif, index=None, extension=".gif")[..., :3].astype(np.float32)  # (T, H, W, 3)
-    clip = frames[:, :8 * size, :8 * size].reshape(len(frames), size, 8, size, 8, 3).mean((2, 4))
+    clip = frames[:, -8 * size:, :8 * size].reshape(len(frames), size, 8, size, 8, 3).mean((2, 4))
     return torch.from_numpy(clip / 127.5 - 1).permute(0, 3, 1, 2)
 
 

@@ -30,6 +30,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert len((interrupted / "log.jsonl").read_text().splitlines()) == 6
+    assert (straight / "curves.png").exists() and (interrupted / "curves.png").exists()  # plot.write_curves
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
