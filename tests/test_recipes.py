@@ -27,6 +27,7 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
     (train_adapter, "slow_adapter_controlnet_tiny.pt", BOX),
     (train_adapter, "slow_adapter_lora_tiny.pt", ["--adapter=lora", *BOX]),
     (distill, "fast_generator_tiny.pt", []),
+    (distill, "dmd_joint_mask_tiny.pt", ["--controlled=true", "--max_steps=1200", "--stop_at=0"]),
     (distill, "dmd_joint_tiny.pt", ["--controlled=true", "--max_steps=1200", "--stop_at=0"]),
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_mask_tiny.pt", []),
     *[(hybrid_finetune, f"fast_adapter_{loss}_controlnet_mask_tiny.pt", [f"--loss={loss}"])
