@@ -1,9 +1,11 @@
+import json
 import subprocess
 import sys
 
 import torch
 
 import common
+import fvd
 from distill import dmd_loss
 from model import fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
@@ -66,9 +68,17 @@ def test_distillation_iterations_run_and_resume(tmp_path):
     generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
     teacher = f"--teacher_ckpt={tmp_path / 'gen.pt'}"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    result = run_distill(teacher, "--max_steps=4", "--sample_interval=4", f"--out_dir={straight}")
+    encoder = fvd.VideoEncoder(4, 16, width=8)  # the held-out FID's network, micro-sized
+    frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)
+    common.save_checkpoint(tmp_path / "encoder.pt", {
+        "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
+        "frame_reference": frame_reference, "clip_reference": clip_reference})
+    result = run_distill(teacher, "--max_steps=4", "--sample_interval=4", f"--fid_encoder={tmp_path / 'encoder.pt'}",
+                         f"--out_dir={straight}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (straight / "samples" / "step_000004.gif").exists()
+    assert (straight / "samples" / "step_000004.gif").exists() and "held-out FID" in result.stdout + result.stderr
+    log = [json.loads(line) for line in open(straight / "log.jsonl")]
+    assert log[-1]["held_out"]["fid"] > 0 and all("held_out" not in r for r in log[:-1])
     assert run_distill(teacher, "--max_steps=4", "--stop_at=2", "--sample_interval=0",
                        f"--out_dir={interrupted}").returncode == 0
     assert run_distill(teacher, "--max_steps=4", "--sample_interval=0", "--resume=true",
