@@ -323,7 +323,7 @@ class Run:
         if self.master:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
-            if self.due(getattr(self.opt, "ckpt_interval", 0)):  # the curves as a picture, with each checkpoint
+            if self.due(self.opt.ckpt_interval):  # the curves as a picture, with each checkpoint
                 write_curves(self.log_file.name, os.path.join(self.opt.out_dir, "curves.png"))
 
     def write(self, message):

@@ -176,9 +176,9 @@ def write_samples(real_score, ema_generator, opt, run):
 def held_out_fid(ema_generator, opt, device, n_scenes=48):
     """FID of the fast generator's own 4-step clips (no trajectory) on held-out
     scenes against the real clips stored with FlashBench's feature network: the
-    few-step gap DMD closes. The slow generator through the same sampler starts
-    near FID 28.5, and its 50 Euler steps score 21.8 (docs/results.md). None
-    without the network."""
+    few-step gap DMD closes. On tiny the student starts at 29.2 (the slow
+    generator through the same sampler) and the shipped fast generator scores
+    21.5 (docs/results.md, stage 2 in ten minutes). None without the network."""
     path = opt.fid_encoder or f"checkpoints/video_encoder_{opt.config}.pt"
     if not os.path.exists(path):
         return None

@@ -225,7 +225,6 @@ def check_flags(opt):
     require_one_of(opt, "loss", LOSSES)
     require_one_of(opt, "disc_noise", ("low", "dmd"))
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "eval_scenes"))
-    require_at_least(opt, ("max_free",), 0)
     opt.fast_generator_ckpt = opt.fast_generator_ckpt or f"checkpoints/fast_generator_{opt.config}.pt"
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
     opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"

@@ -184,6 +184,7 @@ def test_init_from_moves_a_box_adapter_to_mask_maps(tmp_path):
                                            ("--condition=points", "--condition must be one of"),
                                            ("--mask_first=1.5", "--mask_first must be in [0, 1)"),
                                            ("--condition=mask --mask_first=0.3", "--mask_first must be"),
+                                           ("--max_free=-1", "--max_free must not be negative"),
                                            ("--generator_ckpt=nowhere.pt", "checkpoint not found")])
 def test_bad_flags_fail_with_one_line(flag, message, tmp_path):
     result = run_adapter(*flag.split(), f"--out_dir={tmp_path}")
