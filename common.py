@@ -37,10 +37,11 @@ def parse_flags(flags, argv, doc, recipes=None):
     """A script's flags, {name: (default, one line of help)}, overridden by
     `--key=value` or `--key value` and type-checked against the default; a
     boolean flag alone (`--resume`) means true. A default that is a type
-    (`int`) makes the flag optional: None unless given. recipes, {config:
-    {name: value}}, are the defaults that `--config=<name>` switches to (the
-    small recipe); a flag given on the command line wins. `--help` prints the
-    script's docstring and its flags, then exits."""
+    (`int`) makes the flag optional: None unless given. recipes, {name:
+    {flag: value}}, are named flag sets: `--config=<name>` switches to that
+    config's (the small recipe), `--recipe=<name>` to any of them on top (the
+    course's 10-minute lab); a flag given on the command line wins. `--help`
+    prints the script's docstring and its flags, then exits."""
     if "--help" in argv or "-h" in argv:
         print(usage(flags, doc, recipes or {}))
         raise SystemExit(0)
@@ -63,9 +64,13 @@ def parse_flags(flags, argv, doc, recipes=None):
         default = flags[key][0]
         values[key] = parse_value(key, text, default if isinstance(default, type) else type(default))
         given.add(key)
-    for key, value in (recipes or {}).get(values.get("config"), {}).items():
-        if key not in given:
-            values[key] = value
+    recipes = recipes or {}
+    if values.get("recipe") and values["recipe"] not in recipes:
+        raise UserError(f"--recipe must be one of {', '.join(recipes) or 'none'}, got '{values['recipe']}'")
+    for name in (values.get("config"), values.get("recipe")):
+        for key, value in recipes.get(name, {}).items():
+            if key not in given:
+                values[key] = value
     return SimpleNamespace(**values)
 
 

@@ -24,6 +24,8 @@ train_fvd.py trains it; bench.py reads it from
 checkpoints/video_encoder_<config>.pt.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -201,6 +203,18 @@ def load_encoder(path):
     encoder = VideoEncoder(**ckpt["config"])
     encoder.load_state_dict(ckpt["encoder"])
     return encoder.eval(), Reference(*ckpt["frame_reference"]), Reference(*ckpt["clip_reference"])
+
+
+def held_out_fid(clips, path):
+    """FID of generated clips (N, T, 3, H, W), frames 1.. as FlashBench's,
+    against the real frames' statistics stored with the feature network at
+    `path`: the held-out figure a trainer logs as it goes. None where the
+    network is missing (the run then logs no FID)."""
+    if not os.path.exists(path):
+        return None
+    encoder, frame_reference, _ = load_encoder(path)
+    frames, _ = embed(encoder, clips.float().cpu())  # (N, T - 1, D)
+    return round(frame_reference.distance(frames.flatten(0, 1)), 3)
 
 
 def scene_features(encoder, clips):

@@ -13,10 +13,9 @@ fast generator, along its own 4-step path (backward simulation), with
 
   adapter loss = adversarial + lambda(step) * diffusion        (--loss=hybrid)
 
-with lambda falling as the paper's (diffusion_weight): the diffusion loss leads
-first and brings the trajectories back, the adversarial loss last, for
-sharpness. --balance first scales the adversarial gradient to the diffusion
-one's norm (mix_gradients); --loss=fixed_lambda|diffusion|adversarial: the ablations.
+with lambda falling as the paper's (diffusion_weight): the diffusion loss leads first and brings
+the trajectories back, the adversarial loss last, for sharpness. --balance first scales the
+adversarial gradient to the diffusion one's norm (mix_gradients); --loss=...: the ablations.
 
     python hybrid_finetune.py                      # flashmotion: the shipped mask ControlNet's recipe
     python hybrid_finetune.py --loss=diffusion     # diffusion-only (and adversarial, fixed_lambda)
@@ -69,8 +68,10 @@ FLAGS = dict(
     seed=(0, "seed of data and noise"),
     compile=(torch.cuda.is_available(), "torch.compile the trained networks (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
+    recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
-RECIPES = {"small": dict(max_steps=1000)}  # --config=small
+RECIPES = {"small": dict(max_steps=1000),  # --config=small; --recipe=lab: docs/course.md, lab 5
+           "lab": dict(max_steps=120, sample_interval=40, eval_scenes=8, num_workers=0, out_dir="runs/lab_fast_adapter")}
 
 
 # ------------------------------------------- the diffusion discriminator ---

@@ -63,8 +63,12 @@ FLAGS = dict(
     seed=(0, "seed of weights, data and noise"),
     compile=(torch.cuda.is_available(), "torch.compile the training model (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
+    recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
-RECIPES = {"small": dict(max_steps=1500)}  # --config=small
+RECIPES = {"small": dict(max_steps=1500),  # --config=small
+           # --recipe=lab: docs/course.md, lab 3: a mask ControlNet from scratch in 10 minutes on one CPU thread
+           "lab": dict(init_from="none", batch_size=8, max_steps=450, lr=5e-4, sample_interval=150, eval_scenes=8,
+                       sample_steps=20, num_workers=0, out_dir="runs/lab_slow_adapter")}
 
 
 @torch.no_grad()
