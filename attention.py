@@ -354,11 +354,11 @@ def benchmark():
 
 if __name__ == "__main__":
     from common import parse_flags
-    parse_flags({}, sys.argv[1:], __doc__)  # no flags: --help prints the docstring, anything else is refused
+    opt = parse_flags(dict(seed=(0, "seed of the interpreter check's random q, k, v")), sys.argv[1:], __doc__)
     if torch.cuda.is_available() and HAS_TRITON:
         benchmark()
     elif HAS_TRITON and interpreting():
-        torch.manual_seed(0)
+        torch.manual_seed(opt.seed)
         q, k, v = (torch.randn(2, 3, 45, 32) for _ in range(3))
         names = ("out", "dq", "dk", "dv")
         print("interpreter check vs SDPA (fp32, 2x3x45x32): " +

@@ -384,5 +384,5 @@ if __name__ == "__main__":
     check_video_path(opt.out)
     batch = SpriteWorld(**video_shape(opt.config), batch_size=opt.n, seed=opt.seed).batch(0)
     rows = [preview_sample({k: v[i] for k, v in batch.items()}) for i in range(opt.n)]
-    save_video(opt.out, video_grid(rows))
+    save_video(opt.out, video_grid(rows, labels=["video, target boxes", "box maps", "mask maps"]))
     print(f"wrote {opt.out}: {opt.n} scenes (video with boxes | box maps | mask maps)")

@@ -117,7 +117,7 @@ class Demo:
             counting = method.model.register_forward_hook(lambda *_: self.progress.update(
                 done=self.progress["done"] + 1))
             try:
-                frames, seconds = sample_frames(method, batch, guidance=GUIDANCE, seed=seed, boxes=boxes)
+                frames, seconds, _ = sample_frames(method, batch, guidance=GUIDANCE, seed=seed, boxes=boxes)
             finally:
                 counting.remove()
         return gif_bytes(frames), seconds

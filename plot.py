@@ -50,12 +50,13 @@ def smooth(values, span=0.05):
     return out
 
 
-def panel(name, steps, values, font):
-    """One curve: the raw values in grey, their trend in blue, the y range and the last value written."""
+def panel(name, steps, values, font, references=()):
+    """One curve: the raw values in grey, their trend in blue, the y range and
+    the last value written; references, (name, value), as red level lines."""
     width, height = PANEL
     image = Image.new("RGB", PANEL, "white")
     draw = ImageDraw.Draw(image)
-    low, high = min(values), max(values)
+    low, high = min(values + [v for _, v in references]), max(values + [v for _, v in references])
     span = (high - low) or 1.0
     first, last = steps[0], max(steps[-1], steps[0] + 1)
     x = lambda s: MARGIN + (s - first) / (last - first) * (width - MARGIN - 6)
@@ -64,6 +65,10 @@ def panel(name, steps, values, font):
     for series, colour in ((values, (190, 190, 190)), (smooth(values), (30, 90, 200))):
         points = [(x(s), y(v)) for s, v in zip(steps, series)]
         draw.line(points, fill=colour, width=1) if len(points) > 1 else draw.point(points, fill=colour)
+    for label, value in references:
+        draw.line([(MARGIN, y(value)), (width - 6, y(value))], fill=(210, 40, 40), width=1)
+        above = y(value) - 12 if y(value) > 32 else y(value) + 1  # the label clear of the title
+        draw.text((width - 6 - font.getlength(label), above), label, fill=(210, 40, 40), font=font)
     draw.text((MARGIN, 3), f"{name}: {values[-1]:.4g}", fill=(20, 20, 20), font=font)
     draw.text((2, 16), f"{high:.3g}", fill=(90, 90, 90), font=font)
     draw.text((2, height - MARGIN + 6), f"{low:.3g}", fill=(90, 90, 90), font=font)
@@ -73,12 +78,21 @@ def panel(name, steps, values, font):
 
 
 def write_curves(log_path, png_path, columns=3):
-    """Draw every curve of log.jsonl that changes into png_path, `columns` panels a row (atomically)."""
-    curves = {name: curve for name, curve in read_curves(log_path).items() if len(set(curve[1])) > 1}
+    """Draw every curve of log.jsonl that changes into png_path, `columns` panels a row (atomically).
+    A held-out figure that never changes is a baseline measured once (the naive pairing, the generator
+    alone): it is drawn as a level line in the panel of the figure of the same name ("...miou")."""
+    every = read_curves(log_path)
+    curves = {name: curve for name, curve in every.items() if len(set(curve[1])) > 1}
     if not curves:
         return
+    baselines = [(name, curve[1][0]) for name, curve in every.items() if name not in curves]
+
+    def references(name):
+        return [(other.split(".")[-2], value) for other, value in baselines
+                if name.startswith("held_out.") and other.startswith("held_out.")
+                and other.split(".")[-1] == name.split(".")[-1] and other.count(".") == name.count(".")]
     font = ImageFont.load_default(11)
-    panels = [panel(name, *curves[name], font) for name in curves]
+    panels = [panel(name, *curves[name], font, references(name)) for name in curves]
     panels += [np.full_like(panels[0], 255)] * (-len(panels) % columns)
     rows = [np.concatenate(panels[i:i + columns], axis=1) for i in range(0, len(panels), columns)]
     temporary = png_path + ".tmp"

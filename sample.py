@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import metrics
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION, Controlled, adapter_from_checkpoint, joint_from_checkpoint
 from common import (UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of,
                     set_threads)
@@ -168,7 +169,9 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
 def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True):
     """What sample.py writes for a scene (a batch of one, data.collate's keys):
     the generated clip, 8x, its target boxes drawn over, beside the maps its
-    adapter read. Returns (uint8 frames (T, H, W, 3), seconds of generation)."""
+    adapter read. Returns (uint8 frames (T, H, W, 3), seconds of generation,
+    the clip's trajectory accuracy (metrics.py) or None for a scene with a
+    first frame of its own, whose objects have no colours to find)."""
     device = next(method.model.parameters()).device
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, steps, guidance, seed)
@@ -177,7 +180,10 @@ def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True):
     clip = draw_boxes(clip, scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy(), 8) if boxes else \
         upscale(clip, 8)
     labels = [method.name, "the maps it read" if method.controlled else "the maps (not read)"]
-    return video_grid([[clip, upscale(maps_to_uint8(maps[0]), 8)]], labels=labels), seconds
+    drawn = scene["colors"][0, :int(scene["n_objects"][0])].any(-1).all()
+    accuracy = metrics.batch_trajectory_accuracy(video.cpu(), {k: v.cpu() for k, v in scene.items()})[0] \
+        if drawn else None
+    return video_grid([[clip, upscale(maps_to_uint8(maps[0]), 8)]], labels=labels), seconds, accuracy
 
 
 FLAGS = dict(
@@ -220,10 +226,12 @@ def main(argv):
     set_threads(opt.threads)
     method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device,
                          files=own_files(opt))
-    frames, seconds = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes)
+    frames, seconds, accuracy = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes)
     save_video(out, frames)
+    followed = "" if accuracy is None else \
+        f"mask IoU {accuracy['miou']:.2f}, centre error {accuracy['center_err_px']:.1f} px to the scene's paths; "
     print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
-          f"wrote {out}")
+          f"{followed}wrote {out}")
 
 
 if __name__ == "__main__":

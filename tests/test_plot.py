@@ -24,6 +24,18 @@ def test_curves_are_read_flat_and_only_changing_figures_are_drawn(tmp_path):
     assert not (tmp_path / "curves.png.tmp").exists()
 
 
+def test_a_baseline_measured_once_is_a_level_line_in_its_figures_panel(tmp_path):
+    records = [{"step": s, "held_out": {"naive": {"miou": 0.9}, "finetuned": {"miou": 0.5 + s / 100}}}
+               for s in range(1, 5)]
+    write_log(tmp_path / "log.jsonl", records)
+    plot.write_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"), columns=1)
+    image = iio.imread(tmp_path / "curves.png").astype(int)
+    assert image.shape[:2] == (plot.PANEL[1], plot.PANEL[0])  # one panel: held_out.finetuned.miou
+    red = (image[..., 0] > 180) & (image[..., 1] < 90) & (image[..., 2] < 90)
+    rows = np.flatnonzero(red[:, plot.MARGIN + 5:plot.MARGIN + 50].all(1))
+    assert len(rows) == 1 and rows[0] < 30  # 0.9, above every value of the curve: the top of the plot
+
+
 def test_the_columns_are_named_in_the_picture():
     clips = [np.zeros((2, 16, 64, 3), np.uint8), np.zeros((2, 16, 40, 3), np.uint8)]
     band = label_band(["truth", "adversarial-only"], [64, 40])

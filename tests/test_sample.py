@@ -20,7 +20,7 @@ def test_same_seed_same_video_other_seed_other_video(micro_folder):
         out = str(micro_folder / f"{name}.gif")
         result = sample(micro_folder, "--method", "naive", "--seed", str(seed), "--out", out)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert f"{name}.gif" in result.stdout
+        assert f"{name}.gif" in result.stdout and "mask IoU" in result.stdout  # measured against the scene
     a, b, c = (iio.imread(micro_folder / f"{name}.gif") for name in "abc")
     assert a.shape[0] == 4 and np.array_equal(a, b) and not np.array_equal(a, c)
 
