@@ -185,7 +185,10 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a request body needs its Content-Length")
         if int(length) > MAX_BODY:
-            self.close_connection = True  # the body is left unread
+            if int(length) <= 8 * MAX_BODY:  # drained, so that a client still sending reads the 413, not a broken pipe
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True  # too large to drain: left unread
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY} bytes")
         try:
             body = json.loads(self.rfile.read(int(length)))
