@@ -81,7 +81,7 @@ def slow_generator(opt, run):
 def held_out(ema_model, opt, run):
     """The EMA model's clips of held-out scenes of its world: a GIF of four
     (truth | generated, boxes drawn on both) and the FID of all (fvd.held_out_fid),
-    which falls as objects appear; the shipped generator scores 21.8 at 50 steps."""
+    which falls as objects appear: 165 untrained, 23.8 the shipped generator (32 scenes, 20 steps)."""
     scenes = data.SpriteWorld(**data.video_shape(opt.config), batch_size=opt.eval_scenes, seed=data.HELD_OUT_SEED,
                               n_objects=opt.objects or None).batch(0)
     with autocast(run.device):
