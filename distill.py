@@ -185,7 +185,7 @@ def held_out_fid(ema_generator, opt, device, n_scenes=48):
     with autocast(device):
         clips = fast_generate(ema_generator, scenes["video"][:, 0].to(device), opt.fast_shift,
                               rng=torch.Generator(device=device).manual_seed(0))
-    return fvd.held_out_fid(clips, opt.fid_encoder or f"checkpoints/video_encoder_{opt.config}.pt")
+    return fvd.held_out_fid(clips, opt.config, opt.fid_encoder)
 
 
 def main(argv):

@@ -205,11 +205,13 @@ def load_encoder(path):
     return encoder.eval(), Reference(*ckpt["frame_reference"]), Reference(*ckpt["clip_reference"])
 
 
-def held_out_fid(clips, path):
+def held_out_fid(clips, config, path=""):
     """FID of generated clips (N, T, 3, H, W), frames 1.. as FlashBench's,
     against the real frames' statistics stored with the feature network at
-    `path`: the held-out figure a trainer logs as it goes. None where the
-    network is missing (the run then logs no FID)."""
+    `path` (default the shipped one of the config): the held-out figure a
+    trainer logs as it goes. None where the network is missing (the run then
+    logs no FID)."""
+    path = path or f"checkpoints/video_encoder_{config}.pt"
     if not os.path.exists(path):
         return None
     encoder, frame_reference, _ = load_encoder(path)

@@ -90,7 +90,7 @@ def held_out(ema_model, opt, run):
                              rng=torch.Generator(device=run.device).manual_seed(0)).float().cpu()
     path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
     save_video(path, comparison_video(scenes, [generated], range(min(4, opt.eval_scenes)), ["generated"]))
-    return path, fvd.held_out_fid(generated, opt.fid_encoder or f"checkpoints/video_encoder_{opt.config}.pt")
+    return path, fvd.held_out_fid(generated, opt.config, opt.fid_encoder)
 
 
 def main(argv):

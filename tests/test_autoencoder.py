@@ -7,9 +7,9 @@ import autoencoder
 import bench
 import common
 import data
-import fvd
 import metrics
 import train_autoencoder
+from test_bench import encoder_checkpoint
 
 
 @pytest.mark.parametrize("down", [1, 2, 4])
@@ -50,11 +50,7 @@ def test_autoencoder_loss_drops_on_a_fixed_batch():
 
 
 def test_script_trains_resumes_measures_and_exports_latent_statistics(tmp_path):
-    features = fvd.VideoEncoder(4, 16, width=8)
-    frame_reference, clip_reference = fvd.reference_statistics(features, "micro", 16, seed=1)
-    common.save_checkpoint(tmp_path / "features.pt", {
-        "kind": "video_encoder", "config": features.config(), "encoder": features.state_dict(),
-        "frame_reference": frame_reference, "clip_reference": clip_reference})
+    encoder_checkpoint(tmp_path / "features.pt")
     args = ["--config=micro", "--width=8", "--channels=3", "--batch_size=2", "--ckpt_interval=2", "--eval_interval=2",
             f"--features={tmp_path / 'features.pt'}", f"--out_dir={tmp_path / 'run'}", f"--export={tmp_path / 'ae.pt'}"]
     train_autoencoder.main(args + ["--max_steps=4", "--stop_at=2"])

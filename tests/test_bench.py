@@ -21,9 +21,14 @@ def micro_checkpoints(folder):
     common.save_checkpoint(folder / "fast_generator_micro.pt", {
         "kind": "fast_generator", "run_id": "fast-run", "time_shift": 3.0, "parent": "slow-run", "parent_path": "slow.pt",
         "model_config": config_dict(slow), "ema": micro_generator(seed=3).state_dict(), "optimizer": {}})
+    encoder_checkpoint(folder / "video_encoder_micro.pt")
+
+
+def encoder_checkpoint(path):
+    """A micro FlashBench feature network (untrained) with its real statistics, as train_fvd.py exports."""
     encoder = fvd.VideoEncoder(4, 16, width=8)
     frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)
-    common.save_checkpoint(folder / "video_encoder_micro.pt", {
+    common.save_checkpoint(path, {
         "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
         "frame_reference": frame_reference, "clip_reference": clip_reference})
 

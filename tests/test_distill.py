@@ -5,10 +5,10 @@ import sys
 import torch
 
 import common
-import fvd
 from distill import dmd_loss
 from model import fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
+from test_bench import encoder_checkpoint
 
 
 def test_dmd_gradient_is_fake_minus_real_over_the_normaliser():
@@ -68,11 +68,7 @@ def test_distillation_iterations_run_and_resume(tmp_path):
     generator_checkpoint(tmp_path / "gen.pt", micro_generator(), "run-a")
     teacher = f"--teacher_ckpt={tmp_path / 'gen.pt'}"
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    encoder = fvd.VideoEncoder(4, 16, width=8)  # the held-out FID's network, micro-sized
-    frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)
-    common.save_checkpoint(tmp_path / "encoder.pt", {
-        "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
-        "frame_reference": frame_reference, "clip_reference": clip_reference})
+    encoder_checkpoint(tmp_path / "encoder.pt")  # the held-out FID's network, micro-sized
     result = run_distill(teacher, "--max_steps=4", "--sample_interval=4", f"--fid_encoder={tmp_path / 'encoder.pt'}",
                          f"--out_dir={straight}")
     assert result.returncode == 0, result.stderr[-2000:]
