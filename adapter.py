@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from common import UserError
 from model import config_dict, model_from_checkpoint
 
 ADAPTERS = ("controlnet", "lora")
@@ -64,7 +63,7 @@ class ControlNetAdapter(nn.Module):
         cfg = generator.cfg
         self.n_blocks = blocks or cfg.depth // 2
         if not 1 <= self.n_blocks <= cfg.depth:
-            raise UserError(f"--controlnet_blocks must be between 1 and the generator's depth {cfg.depth}")
+            raise ValueError(f"blocks must be between 1 and the generator's depth {cfg.depth}, got {self.n_blocks}")
         self.trajectory_embed = zero_linear(trajectory_token_dim(cfg), cfg.dim)
         # Initialised from the generator: the copy starts out knowing the video.
         self.blocks = copy.deepcopy(generator.blocks[:self.n_blocks]).requires_grad_(True)
@@ -93,7 +92,7 @@ class LoRAAdapter(nn.Module):
         cfg = generator.cfg
         self.rank = rank
         if rank < 1:
-            raise UserError("--lora_rank must be at least 1")
+            raise ValueError(f"rank must be at least 1, got {rank}")
         self.encoder = nn.Sequential(nn.Linear(trajectory_token_dim(cfg), cfg.dim), nn.GELU(approximate="tanh"),
                                      zero_linear(cfg.dim, cfg.dim))
         self.names = [f"blocks.{i}.attn.{target}.weight" for i in range(cfg.depth) for target in self.TARGETS]
@@ -124,14 +123,15 @@ def zero_linear(d_in, d_out):
 
 
 def build_adapter(kind, generator, condition=DEFAULT_CONDITION, blocks=0, rank=LORA_RANK):
-    """A fresh adapter of `kind` on `generator`, reading `condition` maps (box | mask)."""
+    """A fresh adapter of `kind` on `generator`, reading `condition` maps (box | mask).
+    A wrong argument raises ValueError (the script that asked turns it into its one-line error)."""
     if condition not in CONDITIONS:
-        raise UserError(f"--condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
+        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
     if kind == "controlnet":
         return ControlNetAdapter(generator, condition, blocks)
     if kind == "lora":
         return LoRAAdapter(generator, condition, rank)
-    raise UserError(f"--adapter must be one of {', '.join(ADAPTERS)}, got '{kind}'")
+    raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got '{kind}'")
 
 
 class Controlled(nn.Module):
@@ -177,20 +177,20 @@ def adapter_from_config(config, generator, condition):
 def adapter_from_checkpoint(ckpt, generator, generator_ckpt, use_ema=True, allow_other_generator=False):
     """Rebuild an adapter onto `generator` (loaded from `generator_ckpt`).
     An adapter is trained against one generator: plugging it into another
-    is refused unless asked for (the `naive` pairing does so on purpose)."""
+    is refused (ValueError) unless asked for (the `naive` pairing does so on purpose)."""
     if not allow_other_generator and ckpt["parent"] != generator_ckpt["run_id"]:
-        raise UserError(f"this adapter was trained on the generator checkpoint '{ckpt['parent_path']}' "
+        raise ValueError(f"this adapter was trained on the generator checkpoint '{ckpt['parent_path']}' "
                         f"(run {ckpt['parent']}), not on run {generator_ckpt['run_id']} "
                         f"('{generator_ckpt['kind']}'); load the generator it was trained on")
     if ckpt["generator_config"] != config_dict(generator):
-        raise UserError(f"adapter made for generator config {ckpt['generator_config']}, got {config_dict(generator)}")
+        raise ValueError(f"adapter made for generator config {ckpt['generator_config']}, got {config_dict(generator)}")
     adapter = adapter_from_config(ckpt["adapter_config"], generator, ckpt["condition"])
     adapter.load_state_dict(ckpt["ema" if use_ema else "model"])
     return adapter
 
 
 def joint_from_checkpoint(ckpt):
-    """The dmd-joint baseline (distill.py --controlled=true): generator and
+    """The dmd-joint baseline (distill.py --recipe=dmd_joint): generator and
     adapter distilled together, saved as one Controlled state dict."""
     prefix = "generator."
     generator_weights = {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}

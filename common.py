@@ -107,6 +107,16 @@ def usage(flags, doc, recipes):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def as_user_error(flag=""):
+    """A network's ValueError (a wrong argument, checkpoints that do not pair)
+    becomes the script's one-line UserError, naming the flag to blame if any."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}" if flag else str(e)) from None
+
+
 def require_at_least(opt, keys, minimum=1):
     """Refuse counts below `minimum` (steps, batch sizes, intervals), naming the flag."""
     for key in keys:
@@ -160,7 +170,7 @@ def check_new_file(path):
 # The command that makes each shipped checkpoint (by file-name prefix), for error messages.
 MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_adapter.py",
            "fast_generator": "python distill.py",
-           "dmd_joint": "python distill.py --controlled=true --max_steps=1200 --stop_at=0",
+           "dmd_joint": "python distill.py --recipe=dmd_joint",
            "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python train_fvd.py",
            "autoencoder": "python train_autoencoder.py"}
 
@@ -235,10 +245,12 @@ class Run:
 
         run = Run(opt, kind="slow_generator")       # run.saved: the checkpoint to resume, or None
         run.restore(model=raw_model, ema=ema_model)  # its state, by checkpoint key
-        for step in run.steps("stage 0"):            # step: 0-based index of the step being trained
-            ...                                      # run.step: steps done once this one is
-            if run.due(opt.ckpt_interval): run.save(raw_model, ema=...)
+        for step in run.steps("stage 0"):            # step: 0-based index of the step being trained,
+            ...                                      # the loop's one counter (Run counts steps done)
             run.log({"loss": ...}, clips=batch_size)
+            if run.due(opt.ckpt_interval):
+                run.save(raw_model, ema=...)
+                run.draw_curves()
 
     The data and noise of step s are pure functions of (seed, rank, s), so
     resuming needs no RNG state and replays exactly what an uninterrupted run sees."""
@@ -317,7 +329,7 @@ class Run:
                                         "train_config": vars(self.opt), **payload})
 
     def log(self, record, clips):
-        """One line of log.jsonl and the progress bar, with the throughput of the step."""
+        """One line of log.jsonl and the progress bar, with the throughput of the step done."""
         now = time.time()
         record = {"step": self.step, **record, "samples_per_s": round(clips * self.world_size /
                                                                       (now - self.last_time), 2),
@@ -328,13 +340,20 @@ class Run:
         if self.master:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
-            if self.due(self.opt.ckpt_interval):  # the curves as a picture, with each checkpoint
-                write_curves(self.log_file.name, os.path.join(self.opt.out_dir, "curves.png"))
+
+    def draw_curves(self):
+        """log.jsonl as a picture, curves.png beside it (rank 0; plot.py)."""
+        if self.master:
+            write_curves(self.log_file.name, os.path.join(self.opt.out_dir, "curves.png"))
 
     def write(self, message):
-        """A line of text above the progress bar (rank 0)."""
+        """A line of text above the progress bar, after the count of steps done (rank 0)."""
         if self.master:
-            self.bar.write(message)
+            self.bar.write(f"step {self.step}: {message}")
+
+    def sample_path(self):
+        """Where the samples of the step just done go: <out_dir>/samples/step_<steps done>.gif."""
+        return os.path.join(self.opt.out_dir, "samples", f"step_{self.step:06d}.gif")
 
 
 def open_log(out_dir, step):

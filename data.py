@@ -1,7 +1,7 @@
 """The sprite world: procedural videos of coloured shapes moving over quiet
 backgrounds, with the exact mask and box of every object in every frame, and
 the trajectory conditions of the MagicMotion/FlashMotion family (mask maps and
-box maps); the endless seeded stream of them; and the clip shape of each
+box maps); the endless seeded stream of them; and the clip shape of a
 config. Scene files and folders of your own clips are read by scenes.py;
 video.py draws and writes clips.
 
@@ -24,6 +24,7 @@ from einops import rearrange
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common import parse_flags, require_at_least, require_one_of
+from model import CLIP_SHAPES
 from video import ID_COLORS, check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -32,15 +33,9 @@ TRAJECTORIES = ("straight", "curved", "bounce", "stop_and_go")
 MAX_OBJECTS = 6
 HELD_OUT_SEED = 1_000_003  # scenes for samples and evaluation; training uses seeds 0, 1, ...
 
-# The clips of each config (model.CONFIGS sizes its networks for them): `micro`
-# is for the tests, `tiny` for a CPU and the shipped checkpoints, `small` for one GPU.
-CLIP_SHAPES = {"micro": {"frames": 4, "size": 16}, "tiny": {"frames": 16, "size": 32},
-               "small": {"frames": 16, "size": 64}}
-
-
 def video_shape(config):
-    """{frames, size} of a config, by name or as anything with .frames and .size
-    (a model.DiTConfig): what SpriteWorld takes."""
+    """{frames, size} of a config (model.CLIP_SHAPES), by name or as anything with
+    .frames and .size (a model.DiTConfig): what SpriteWorld takes."""
     if isinstance(config, str):
         return dict(CLIP_SHAPES[config])
     return {"frames": config.frames, "size": config.size}
@@ -371,7 +366,7 @@ def preview_sample(sample, factor=4):
 
 
 FLAGS = dict(
-    config=("tiny", "micro | tiny | small: the clip shape (CLIP_SHAPES)"),
+    config=("tiny", "micro | tiny | small: the clip shape (model.CLIP_SHAPES)"),
     n=(6, "how many random scenes"),
     seed=(0, "seed of the scenes"),
     out=("previews/data.gif", "the preview, .gif or .mp4"),

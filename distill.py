@@ -14,11 +14,12 @@ use (CausVid, Self-Forcing). Three networks:
 G's clip moves along (fake - real): away from its own distribution and
 towards the teacher's. The fake score is updated every iteration, G every
 `ratio` iterations (the two time-scale rule), so the fake score keeps up.
-`--controlled=true` distils the slow generator and slow adapter together:
-the dmd-joint baseline, "DMD applied to the controlled model".
+"The generator" may be a controlled one, the slow generator steered by its
+slow adapter (adapter.Controlled): DMD of it is the dmd-joint baseline, "DMD
+applied to the controlled model" (--recipe=dmd_joint).
 
     python distill.py                                  # tiny: checkpoints/fast_generator_tiny.pt's recipe
-    python distill.py --controlled=true --max_steps=1200 --stop_at=0   # dmd-joint on the mask adapter
+    python distill.py --recipe=dmd_joint               # dmd-joint on the mask adapter
     torchrun --nproc_per_node=4 distill.py --config=small --teacher_ckpt=runs/slow_generator_small/ckpt.pt
     python distill.py --resume=true
 """
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 import data
 import fvd
 from adapter import Controlled, adapter_from_checkpoint
-from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
-                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
+from common import (Run, UserError, as_user_error, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint,
+                    lr_at, noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
 from model import (CONFIGS, FAST_TIMES, TIME_SHIFT, add_noise, clean_estimate, config_dict, encode_first_frame,
                    fast_generate, fast_times, few_step_sample, few_step_step, flow_matching_loss, generate,
                    guided_velocity, model_from_checkpoint, pick_step, sample_training_time)
@@ -42,7 +43,7 @@ from video import comparison_video, save_video
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the teacher"),
     teacher_ckpt=("", "the slow generator; default checkpoints/slow_generator_<config>.pt"),
-    controlled=(False, "dmd-joint: distil the generator and the slow adapter together"),
+    controlled=(False, "distil the slow generator steered by its slow adapter (--adapter_ckpt): dmd-joint"),
     adapter_ckpt=("", "with --controlled: default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
     out_dir=("", "default runs/fast_generator_<config> (runs/dmd_joint_<config>)"),
     batch_size=(8, "clips per rank and iteration"),
@@ -74,16 +75,18 @@ FLAGS = dict(
 )
 RECIPES = {"small": dict(stop_at=0),  # --config=small
            # --recipe=lab: docs/course.md, lab 4: 400 iterations, the held-out FID every 100 (10 minutes, one thread)
-           "lab": dict(max_steps=400, stop_at=0, sample_interval=100, num_workers=0, out_dir="runs/lab_fast_generator")}
+           "lab": dict(max_steps=400, stop_at=0, sample_interval=100, num_workers=0, out_dir="runs/lab_fast_generator"),
+           # --recipe=dmd_joint: the paper's DMD baseline, the controlled model distilled whole
+           "dmd_joint": dict(controlled=True, max_steps=1200, stop_at=0)}
 
 
 # ------------------------------------------------------ the score networks ---
 
 def score_networks(opt, device):
-    """The real score: the frozen teacher (with its slow adapter for dmd-joint,
-    guidance then acts on the trajectory). The fast generator G and the fake
-    score: trainable copies of it. Returns them with the teacher's and the
-    adapter's checkpoints (None without --controlled)."""
+    """The real score: the frozen teacher, the slow generator (steered by its
+    slow adapter with --controlled; guidance then acts on the trajectory). The
+    fast generator G and the fake score: trainable copies of it. Returns them
+    with the teacher's and the adapter's checkpoints (None without an adapter)."""
     teacher = load_checkpoint(opt.teacher_ckpt, kind="slow_generator")
     slow_generator = model_from_checkpoint(teacher).to(device).requires_grad_(False).eval()
     if data.video_shape(slow_generator.cfg) != data.video_shape(opt.config):
@@ -91,7 +94,8 @@ def score_networks(opt, device):
     real_score, adapter_ckpt = slow_generator, None
     if opt.controlled:
         adapter_ckpt = load_checkpoint(opt.adapter_ckpt, kind="slow_adapter")
-        slow_adapter = adapter_from_checkpoint(adapter_ckpt, slow_generator, teacher).requires_grad_(False)
+        with as_user_error("--adapter_ckpt"):
+            slow_adapter = adapter_from_checkpoint(adapter_ckpt, slow_generator, teacher).requires_grad_(False)
         real_score = Controlled(slow_generator, slow_adapter.to(device))
     fast_generator = copy.deepcopy(real_score).requires_grad_(True).train()
     fake_score = copy.deepcopy(real_score).requires_grad_(True).train()
@@ -146,11 +150,11 @@ def critic_loss(fake_score, clip, cond, rng):
 
 # ------------------------------------------------------------------ loop ---
 
-def conditions_of(batch, real_score, controlled, device):
+def conditions_of(batch, real_score, device):
     """The scores' keyword arguments, and what guidance drops: the first
-    frame, or (dmd-joint) the trajectory in the maps the adapter reads."""
+    frame, or (a controlled generator) the trajectory in the maps its adapter reads."""
     first = encode_first_frame(real_score, batch["video"][:, 0].to(device))
-    if not controlled:
+    if not isinstance(real_score, Controlled):
         return dict(first_frame=first), {"first_frame": None}
     return (dict(first_frame=first, trajectory=real_score.trajectory(batch).to(device)),
             {"traj_keep": torch.zeros(len(first), device=device)})
@@ -161,14 +165,13 @@ def write_samples(real_score, ema_generator, opt, run):
     device = run.device
     scenes = data.SpriteWorld(**data.video_shape(opt.config), batch_size=4, seed=data.HELD_OUT_SEED).batch(0)
     first = scenes["video"][:, 0].to(device)  # the samplers take pixels
-    cond = {key: value for key, value in conditions_of(scenes, real_score, opt.controlled, device)[0].items()
-            if key != "first_frame"}
+    cond = {key: value for key, value in conditions_of(scenes, real_score, device)[0].items() if key != "first_frame"}
     seed = lambda: torch.Generator(device=device).manual_seed(0)
     with autocast(device):
         clips = [generate(real_score, first, steps=50, rng=seed(), **cond),
                  generate(real_score, first, steps=4, rng=seed(), **cond),
                  fast_generate(ema_generator, first, opt.fast_shift, rng=seed(), **cond)]
-    path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
+    path = run.sample_path()
     save_video(path, comparison_video(scenes, [clip.float().cpu() for clip in clips], range(4),
                                          ["teacher 50", "teacher 4", "student 4"]))
     return path
@@ -188,21 +191,31 @@ def held_out_fid(ema_generator, opt, device, n_scenes=48):
     return fvd.held_out_fid(clips, opt.config, opt.fid_encoder)
 
 
-def main(argv):
-    opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
+def check_flags(opt):
+    """Refuse wrong flags, fill in the default paths; returns the kind of checkpoint the run writes."""
     require_one_of(opt, "config", CONFIGS)
     require_at_least(opt, ("batch_size", "max_steps", "ratio", "ckpt_interval"))
     if not 0 < opt.t_min < opt.t_max < 1:
         raise UserError("need 0 < --t_min < --t_max < 1")
     opt.teacher_ckpt = opt.teacher_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
-    opt.adapter_ckpt = opt.adapter_ckpt or (f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"
-                                            if opt.controlled else "")
-    kind = "dmd_joint" if opt.controlled else "fast_generator"
+    kind, adapter = ("dmd_joint", f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt") if opt.controlled else \
+        ("fast_generator", "")
+    opt.adapter_ckpt = opt.adapter_ckpt or adapter
     opt.out_dir = opt.out_dir or f"runs/{kind}_{opt.config}"
+    return kind
+
+
+def main(argv):
+    opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
+    kind = check_flags(opt)
     run = Run(opt, kind=kind)
     device = run.device
 
     teacher, adapter_ckpt, real_score, fast_generator, fake_score = score_networks(opt, device)
+    # What a dmd-joint checkpoint records of its adapter, as a fast adapter's does (None for the plain generator).
+    adapter_lineage = dict(adapter_parent=adapter_ckpt and adapter_ckpt["run_id"],
+                           condition=adapter_ckpt and adapter_ckpt["condition"],
+                           adapter_config=adapter_ckpt and adapter_ckpt["adapter_config"])
     ema_generator = copy.deepcopy(fast_generator).requires_grad_(False).eval()
     optimizer_generator = torch.optim.AdamW(fast_generator.parameters(), lr=opt.lr_generator, betas=(0.0, 0.999),
                                             weight_decay=0.0)
@@ -213,7 +226,7 @@ def main(argv):
                 optimizer_generator=optimizer_generator, optimizer_fake=optimizer_fake)
     times = fast_times(opt.fast_shift, device)
     if run.master:
-        print(f"DMD {'(controlled: dmd-joint) ' if opt.controlled else ''}of {opt.teacher_ckpt}: generator and "
+        print(f"DMD ({kind}) of {opt.teacher_ckpt}: generator and "
               f"fake score {sum(p.numel() for p in fast_generator.parameters()) / 1e6:.2f}M parameters each, "
               f"4 steps at t = {[round(t, 3) for t in times.tolist()]}, guidance {opt.guidance}, device {device}, "
               f"{run.world_size} rank(s), iteration {run.step}/{opt.max_steps}")
@@ -224,7 +237,7 @@ def main(argv):
     rng = torch.Generator(device=device)
     for step in run.steps("stage 2 DMD"):
         batch = next(batches)
-        cond, uncond = conditions_of(batch, real_score, opt.controlled, device)
+        cond, uncond = conditions_of(batch, real_score, device)
         rng.manual_seed(noise_seed(opt.seed, run.rank, step))
         record = {}
 
@@ -252,20 +265,18 @@ def main(argv):
         clipped_step(optimizer_fake, fake_score, opt.grad_clip)
 
         record["fake_loss"] = round(loss_fake.item(), 5)
-        if run.due(opt.ckpt_interval):
-            run.save(fast_generator, parent=teacher["run_id"], parent_path=opt.teacher_ckpt,
-                     adapter_parent=adapter_ckpt["run_id"] if opt.controlled else None,
-                     condition=adapter_ckpt["condition"] if opt.controlled else None,
-                     model_config=config_dict(fast_generator),
-                     adapter_config=real_score.adapter.config() if opt.controlled else None,
-                     fast_times=FAST_TIMES, time_shift=opt.fast_shift, model=fast_generator.state_dict(),
-                     ema=ema_generator.state_dict(), fake_score=fake_score.state_dict(),
-                     optimizer_generator=optimizer_generator.state_dict(), optimizer_fake=optimizer_fake.state_dict())
         if run.master and run.due(opt.sample_interval):
             record["held_out"] = {"fid": held_out_fid(ema_generator, opt, device)}
-            run.write(f"iteration {run.step}: held-out FID {record['held_out']['fid']} (4 steps, no trajectory); "
+            run.write(f"held-out FID {record['held_out']['fid']} (4 steps, no trajectory); "
                       f"samples in {write_samples(real_score, ema_generator, opt, run)}")
         run.log(record, clips=opt.batch_size)
+        if run.due(opt.ckpt_interval):
+            run.save(fast_generator, parent=teacher["run_id"], parent_path=opt.teacher_ckpt, **adapter_lineage,
+                     model_config=config_dict(fast_generator), fast_times=FAST_TIMES, time_shift=opt.fast_shift,
+                     model=fast_generator.state_dict(), ema=ema_generator.state_dict(),
+                     fake_score=fake_score.state_dict(), optimizer_generator=optimizer_generator.state_dict(),
+                     optimizer_fake=optimizer_fake.state_dict())
+            run.draw_curves()
 
 
 if __name__ == "__main__":

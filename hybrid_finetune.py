@@ -11,11 +11,12 @@ fast generator, along its own 4-step path (backward simulation), with
                        query token attends to the first-frame, trajectory and video tokens
                        and makes a real/fake logit (non-saturating, DMD2): clips stay sharp.
 
-  adapter loss = adversarial + lambda(step) * diffusion        (--loss=hybrid)
+  adapter loss = adversarial + lambda(step) * diffusion        (--loss=hybrid, adapter_update)
 
-with lambda falling as the paper's (diffusion_weight): the diffusion loss leads first and brings
-the trajectories back, the adversarial loss last, for sharpness. --balance first scales the
-adversarial gradient to the diffusion one's norm (mix_gradients); --loss=...: the ablations.
+with lambda falling as the paper's (paper_lambda): the diffusion loss leads first and brings
+the trajectories back, the adversarial loss last, for sharpness. The ablations are other weights
+of the same equation (LOSSES). --balance, not the paper's, first weights the adversarial term so
+that its gradient is as large as the diffusion term's (balance_weight).
 
     python hybrid_finetune.py                      # flashmotion: the shipped mask ControlNet's recipe
     python hybrid_finetune.py --loss=diffusion     # diffusion-only (and adversarial, fixed_lambda)
@@ -25,19 +26,19 @@ import copy
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import metrics
 from adapter import Controlled, adapter_from_checkpoint, trajectory_channels, trajectory_token_dim
-from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
-                    noise_seed, parse_flags, require_at_least, require_indices, require_one_of, set_lr)
+from common import (Run, UserError, as_user_error, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint,
+                    lr_at, noise_seed, parse_flags, require_at_least, require_indices, require_one_of, set_lr)
 from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, fast_times, few_step_sample,
                    few_step_step, model_from_checkpoint, pick_step, sample_training_time)
 from video import comparison_video, save_video
 
-LOSSES = ("hybrid", "fixed_lambda", "diffusion", "adversarial")
 DISC_MAX_T = 0.6  # --disc_noise=low: t ~ U(0.02, 0.6); above ~0.7 clips are hardly told apart (docs)
 
 FLAGS = dict(
@@ -45,8 +46,9 @@ FLAGS = dict(
     fast_generator_ckpt=("", "default checkpoints/fast_generator_<config>.pt"),
     slow_generator_ckpt=("", "the discriminator's backbone; default checkpoints/slow_generator_<config>.pt"),
     adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
-    loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial"),
-    balance=(True, "scale the adversarial gradient to the diffusion gradient's norm before lambda mixes them"),
+    loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial: weights of the equation"),
+    balance=(True, "weight the adversarial term so that its gradient is as large as the diffusion term's "
+                   "(balance_weight; not the paper's)"),
     disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
     adv_steps=("0,1,2,3", "which of the 4 sampler steps the adversarial loss judges (k drawn among them)"),
     disc_noise=("low", "the discriminator's t: low, U(0.02, 0.6); dmd, DMD's shifted t in [0.02, 0.98] (DMD2)"),
@@ -145,15 +147,31 @@ def disc_time(batch, rng, device, kind):
     return 0.02 + (DISC_MAX_T - 0.02) * torch.rand(batch, generator=rng, device=device)
 
 
-def diffusion_weight(loss, step, max_steps):
+def paper_lambda(step, max_steps):
     """lambda(step), the diffusion loss's weight beside the adversarial loss.
     The paper's 1 / (4e-3 step + 0.1) ran over ~1K steps; here `step` is
     measured in thousandths of the run: 10 at first, 1 at 22.5% of it, 0.24
-    at its end. fixed_lambda: 1 throughout; one loss alone: weight 1."""
-    return 1.0 / (4.0 * step / max_steps + 0.1) if loss == "hybrid" else 1.0
+    at its end."""
+    return 1.0 / (4.0 * step / max_steps + 0.1)
 
 
-# ------------------------------------ the adapter's two losses, the classifier's update ---
+# --loss: FlashMotion and its ablations as weights of one equation,
+# (the adversarial term's weight, lambda(step, max_steps)); a term weighted 0 is not computed.
+LOSSES = {
+    "hybrid": (1.0, paper_lambda),                  # FlashMotion: lambda falls from 10 to 0.24
+    "fixed_lambda": (1.0, lambda step, steps: 1.0),  # ablation: lambda = 1 throughout
+    "diffusion": (0.0, lambda step, steps: 1.0),     # ablation: the diffusion loss alone
+    "adversarial": (1.0, lambda step, steps: 0.0),   # ablation: the adversarial loss alone
+}
+
+
+def loss_weights(loss, step, max_steps):
+    """(adversarial weight, lambda) of --loss at this step."""
+    adversarial_weight, lam = LOSSES[loss]
+    return adversarial_weight, lam(step, max_steps)
+
+
+# ---------------- the adapter's two losses, the paper's equation, the classifier's update ---
 
 def diffusion_loss(model, video, times, k, cond, rng):
     """The real clip, noised to the time of step k, must come back as itself."""
@@ -179,6 +197,53 @@ def adversarial_loss(model, discriminator, video, times, k, cond, rng, disc_nois
     return loss, generated.detach().float()
 
 
+def adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weights, opt, rng, record):
+    """The adapter's gradient from the paper's equation, one loss and one backward:
+
+        loss = adversarial_weight * adversarial + lambda * diffusion
+
+    weights: (adversarial_weight, lambda) of --loss (LOSSES). Returns the
+    generated clips the discriminator learns from (None without the adversarial term)."""
+    adversarial_weight, lam = weights
+    diffusion, adversarial, fake = 0.0, 0.0, None
+    if lam:
+        diffusion = diffusion_loss(train_model, video, times, k, cond, rng)
+        record["diffusion"] = round(diffusion.item(), 5)
+    if adversarial_weight:
+        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k_adv, cond, rng, opt.disc_noise)
+        record["adversarial"] = round(adversarial.item(), 5)
+    scale = balance_weight(diffusion, adversarial, adapter) if lam and adversarial_weight and opt.balance else 1.0
+    record["adversarial_scale"] = round(scale, 5)
+    adversarial_weight *= scale
+    loss = adversarial_weight * adversarial + lam * diffusion
+    loss.backward()
+    discriminator.classifier.zero_grad(set_to_none=True)  # the adapter's loss must not train the classifier
+    return fake
+
+
+def balance_weight(diffusion, adversarial, adapter):
+    """Not the paper's: the adversarial term's weight that makes its gradient on the
+    adapter as large as the diffusion term's (VQGAN's adaptive weight, computed
+    first, as taming-transformers does). Ours is 3 to 100 times the diffusion one
+    (docs/results.md), so unweighted it would lead after a few percent of the run;
+    balanced, lambda = 10 -> 0.24 hands over as the paper intends. It costs a
+    backward pass of each loss more: a step takes 24% longer on tiny (docs/results.md)."""
+    parameters = list(adapter.parameters())
+    return (gradient_norm(diffusion, parameters) / (gradient_norm(adversarial, parameters) + 1e-12)).item()
+
+
+def gradient_norm(loss, parameters):
+    """The norm of the loss's gradient on the parameters, averaged over the ranks
+    as DDP averages it; the graph is kept for the backward pass."""
+    gradients = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    gradients = [torch.zeros_like(p) if g is None else g for g, p in zip(gradients, parameters)]
+    if dist.is_initialized():
+        for g in gradients:
+            dist.all_reduce(g)
+            g /= dist.get_world_size()
+    return torch.sqrt(sum((g.float() ** 2).sum() for g in gradients))
+
+
 def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_noise):
     """One step of the classifier: real clips against generated ones, re-noised
     alike, in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
@@ -194,28 +259,6 @@ def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_n
     optimizer.zero_grad(set_to_none=True)
     accuracy = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).item() / 2
     return loss.item(), accuracy
-
-
-def take_gradients(module):
-    """The module's gradients (a list, one per parameter), taken out of it."""
-    gradients = [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-    return gradients
-
-
-def mix_gradients(adapter, gradients, weight, balance):
-    """Set the adapter's gradient to  lambda * diffusion + s * adversarial. Ours is 3 to
-    100 times the diffusion one (docs/results.md), so as written it would lead after a few
-    percent of the run. With balance, s scales it to the diffusion gradient's norm (VQGAN's
-    adaptive weight), and lambda = 10 -> 0.24 hands over as the paper intends; else s = 1."""
-    diffusion, adversarial = gradients.get("diffusion"), gradients.get("adversarial")
-    scale = 1.0
-    if balance and diffusion is not None and adversarial is not None:
-        norm = lambda grads: torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-        scale = (norm(diffusion) / (norm(adversarial) + 1e-12)).item()
-    for i, parameter in enumerate(adapter.parameters()):
-        parameter.grad = sum(w * g[i] for w, g in ((weight, diffusion), (scale, adversarial)) if g is not None)
-    return scale
 
 
 # ------------------------------------------------------------------ loop ---
@@ -248,30 +291,12 @@ def networks(opt, run, blocks):
     fast_generator = model_from_checkpoint(fast_ckpt).to(run.device).requires_grad_(False).eval()
     slow_generator = model_from_checkpoint(slow_ckpt).to(run.device).requires_grad_(False).eval()
     naive = lambda: adapter_from_checkpoint(adapter_ckpt, fast_generator, fast_ckpt, allow_other_generator=True)
-    adapter = naive().to(run.device).requires_grad_(True)
+    with as_user_error("--adapter_ckpt"):
+        adapter = naive().to(run.device).requires_grad_(True)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
     naive_pairing = Controlled(fast_generator, naive().to(run.device).requires_grad_(False))
     discriminator = DiffusionDiscriminator(slow_generator, blocks).to(run.device)
     return fast_ckpt, adapter_ckpt, fast_generator, adapter, ema_adapter, naive_pairing, discriminator
-
-
-def adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weight, opt, rng, record):
-    """The adapter's gradient: each loss has its own forward and backward (as DDP wants), kept
-    apart, then mixed. Returns the generated clips (None without the adversarial loss)."""
-    gradients, fake = {}, None
-    if opt.loss != "adversarial":
-        diffusion = diffusion_loss(train_model, video, times, k, cond, rng)
-        diffusion.backward()
-        gradients["diffusion"] = take_gradients(adapter)
-        record["diffusion"] = round(diffusion.item(), 5)
-    if opt.loss != "diffusion":
-        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k_adv, cond, rng, opt.disc_noise)
-        adversarial.backward()
-        discriminator.classifier.zero_grad(set_to_none=True)  # the adapter's loss must not train the classifier
-        gradients["adversarial"] = take_gradients(adapter)
-        record["adversarial"] = round(adversarial.item(), 5)
-    record["adversarial_scale"] = round(mix_gradients(adapter, gradients, weight, opt.balance), 5)
-    return fake
 
 
 @torch.no_grad()
@@ -318,9 +343,9 @@ def main(argv):
         set_lr(optimizer_adapter, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         k = pick_step(opt.seed, step, len(times))  # one step of the 4-step list for the whole batch
         k_adv = adv_steps[pick_step(opt.seed, step, len(adv_steps))]  # k itself when the GAN judges every step
-        weight = diffusion_weight(opt.loss, step, opt.max_steps)
-        record = {"k": k, "k_adv": k_adv, "lambda": round(weight, 4)}
-        fake = adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weight, opt, rng,
+        weights = loss_weights(opt.loss, step, opt.max_steps)
+        record = {"k": k, "k_adv": k_adv, "lambda": round(weights[1], 4)}
+        fake = adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weights, opt, rng,
                               record)
         record["adapter_grad_norm"] = round(clipped_step(optimizer_adapter, adapter, opt.grad_clip), 5)
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
@@ -329,6 +354,14 @@ def main(argv):
             disc_loss, accuracy = discriminator_update(train_disc, optimizer_discriminator, video, fake, cond, rng,
                                                        opt.disc_noise)
             record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
+        if run.master and run.due(opt.sample_interval):
+            naive = naive or held_out(naive_pairing, scenes, shift, device)
+            videos, accuracy = held_out(ema_model, scenes, shift, device)
+            save_video(run.sample_path(), comparison_video(scenes, [naive[0], videos], range(min(4, opt.eval_scenes)),
+                                                           ["naive", "finetuned"]))
+            record["held_out"] = {"naive": naive[1], "finetuned": accuracy}
+            run.write(metrics.versus(accuracy, naive[1], "naive"))
+        run.log(record, clips=len(video))
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=fast_ckpt["run_id"], parent_path=opt.fast_generator_ckpt, loss=opt.loss,
                      adapter_parent=adapter_ckpt["run_id"], generator_config=config_dict(fast_generator),
@@ -336,14 +369,7 @@ def main(argv):
                      ema=ema_adapter.state_dict(), discriminator=discriminator.classifier.state_dict(),
                      optimizer_adapter=optimizer_adapter.state_dict(),
                      optimizer_discriminator=optimizer_discriminator.state_dict())
-        if run.master and run.due(opt.sample_interval):
-            naive = naive or held_out(naive_pairing, scenes, shift, device)
-            videos, accuracy = held_out(ema_model, scenes, shift, device)
-            save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif", comparison_video(
-                scenes, [naive[0], videos], range(min(4, opt.eval_scenes)), ["naive", "finetuned"]))
-            record["held_out"] = {"naive": naive[1], "finetuned": accuracy}
-            run.write(f"step {run.step}: {metrics.versus(accuracy, naive[1], 'naive')}")
-        run.log(record, clips=len(video))
+            run.draw_curves()
 
 
 if __name__ == "__main__":

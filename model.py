@@ -24,7 +24,6 @@ from einops import rearrange, repeat
 
 from attention import flash_attention
 from autoencoder import FrameAutoencoder
-from data import CLIP_SHAPES
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,13 @@ class DiTConfig:
     codec_width: int = 32       # latent: the autoencoder's width (autoencoder.py)
 
 
-# Every config by name: the model size for data.CLIP_SHAPES' clips. micro
-# (the tests) stays in pixels so that the tests need no autoencoder.
+# The clips of each config, {frames, size} (data.SpriteWorld renders them): `micro`
+# is for the tests, `tiny` for a CPU and the shipped checkpoints, `small` for one GPU.
+CLIP_SHAPES = {"micro": {"frames": 4, "size": 16}, "tiny": {"frames": 16, "size": 32},
+               "small": {"frames": 16, "size": 64}}
+
+# Every config by name: the model size for its clips. micro (the tests) stays
+# in pixels so that the tests need no autoencoder.
 CONFIGS = {
     "micro": DiTConfig(**CLIP_SHAPES["micro"], dim=32, depth=2, heads=2),
     "tiny": DiTConfig(**CLIP_SHAPES["tiny"], dim=96, depth=6, heads=3, codec="latent"),     # CPU, shipped

@@ -19,8 +19,8 @@ extra=("$@")
 mkdir -p checkpoints
 
 case $config in
-  tiny)  box_steps=4000 joint=(--max_steps=1200 --stop_at=0) ;;
-  small) box_steps=10000 joint=() ;;
+  tiny)  box_steps=4000 joint=(--recipe=dmd_joint) ;;
+  small) box_steps=10000 joint=(--recipe=dmd_joint --max_steps=4000) ;;
   *) echo "error: config must be tiny or small, got '$config'" >&2; exit 1 ;;
 esac
 
@@ -47,7 +47,7 @@ for kind in controlnet lora; do
 done
 stage fast_generator distill.py
 for maps in _mask ""; do  # mask maps, then box maps (the paper's final condition)
-  stage dmd_joint$maps distill.py --controlled=true "${joint[@]}" \
+  stage dmd_joint$maps distill.py "${joint[@]}" \
     --adapter_ckpt=checkpoints/slow_adapter_controlnet${maps}_$config.pt
   for kind in controlnet lora; do
     for loss in hybrid fixed_lambda diffusion adversarial; do

@@ -36,8 +36,8 @@ import torch.nn as nn
 
 import metrics
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION, Controlled, adapter_from_checkpoint, joint_from_checkpoint
-from common import (UserError, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least, require_one_of,
-                    set_threads)
+from common import (UserError, as_user_error, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least,
+                    require_one_of, set_threads)
 from model import CONFIGS, fast_generate, generate, model_from_checkpoint
 from scenes import scene_batch
 from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
@@ -127,12 +127,13 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
     generator_name, adapter_name, sampler, steps = METHODS[name]
     joint = generator_name.startswith("dmd_joint")
     generator_ckpt = load_checkpoint(paths[0], kind="dmd_joint" if joint else generator_name)
-    model = joint_from_checkpoint(generator_ckpt) if joint else model_from_checkpoint(generator_ckpt)
-    if len(paths) == 2:
-        stage = "slow_adapter" if adapter_name.startswith("slow_adapter") else "fast_adapter"
-        adapter_ckpt = load_checkpoint(paths[1], kind=stage)
-        model = Controlled(model, adapter_from_checkpoint(adapter_ckpt, model, generator_ckpt,
-                                                          allow_other_generator=name == "naive"))
+    with as_user_error():  # checkpoints that do not pair
+        model = joint_from_checkpoint(generator_ckpt) if joint else model_from_checkpoint(generator_ckpt)
+        if len(paths) == 2:
+            stage = "slow_adapter" if adapter_name.startswith("slow_adapter") else "fast_adapter"
+            adapter_ckpt = load_checkpoint(paths[1], kind=stage)
+            model = Controlled(model, adapter_from_checkpoint(adapter_ckpt, model, generator_ckpt,
+                                                              allow_other_generator=name == "naive"))
     if isinstance(model, Controlled) and model.adapter.condition != condition:
         raise UserError(f"{paths[-1]} holds an adapter reading {model.adapter.condition} maps, "
                         f"not the {condition} maps its name promises")

@@ -88,7 +88,7 @@ def held_out(ema_model, opt, run):
         generated = generate(ema_model, scenes["video"][:, 0].to(run.device), steps=opt.sample_steps,
                              guidance=opt.sample_guidance,
                              rng=torch.Generator(device=run.device).manual_seed(0)).float().cpu()
-    path = f"{opt.out_dir}/samples/step_{run.step:06d}.gif"
+    path = run.sample_path()
     save_video(path, comparison_video(scenes, [generated], range(min(4, opt.eval_scenes)), ["generated"]))
     return path, fvd.held_out_fid(generated, opt.config, opt.fid_encoder)
 
@@ -135,16 +135,17 @@ def main(argv):
         grad_norm = clipped_step(optimizer, model, opt.grad_clip)
         ema_update(ema_model, model, ema_decay_at(step, opt.ema_decay))
 
-        if run.due(opt.ckpt_interval):
-            run.save(model, parent=None, model_config=config_dict(model), model=model.state_dict(),
-                     ema=ema_model.state_dict(), optimizer=optimizer.state_dict())
         record = {"loss": round(loss_sum, 5), "grad_norm": round(grad_norm, 4), "lr": lr}
         if run.master and run.due(opt.sample_interval):
             path, fid = held_out(ema_model, opt, run)
             record["held_out"] = {"fid": fid}
             measured = "" if fid is None else f"held-out FID {fid} ({opt.sample_steps} steps); "
-            run.write(f"step {run.step}: {measured}samples in {path}")
+            run.write(f"{measured}samples in {path}")
         run.log(record, clips=opt.batch_size * opt.grad_accum)
+        if run.due(opt.ckpt_interval):
+            run.save(model, parent=None, model_config=config_dict(model), model=model.state_dict(),
+                     ema=ema_model.state_dict(), optimizer=optimizer.state_dict())
+            run.draw_curves()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import data
 import metrics
 from adapter import (ADAPTERS, CONDITIONS, DEFAULT_CONDITION, LORA_RANK, Controlled, adapter_from_checkpoint,
                      build_adapter)
-from common import (Run, UserError, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint, lr_at,
-                    noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
+from common import (Run, UserError, as_user_error, autocast, clipped_step, ema_decay_at, ema_update, load_checkpoint,
+                    lr_at, noise_seed, parse_flags, require_at_least, require_one_of, set_lr)
 from model import CONFIGS, config_dict, flow_matching_loss, generate, model_from_checkpoint
 from video import comparison_video, save_video
 
@@ -105,7 +105,8 @@ def check_flags(opt):
 
 def adapters(opt, run, generator, parent):
     """The adapter to train and its EMA: fresh, or warm from --init_from, or as the run left them."""
-    adapter = build_adapter(opt.adapter, generator, opt.condition, opt.controlnet_blocks, opt.lora_rank)
+    with as_user_error({"controlnet": "--controlnet_blocks", "lora": "--lora_rank"}[opt.adapter]):
+        adapter = build_adapter(opt.adapter, generator, opt.condition, opt.controlnet_blocks, opt.lora_rank)
     adapter = adapter.to(run.device)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
     saved = run.saved
@@ -121,7 +122,8 @@ def adapters(opt, run, generator, parent):
         if source["adapter_config"] != adapter.config():
             raise UserError(f"--init_from={opt.init_from} is a {source['adapter_config']} adapter; "
                             f"this run builds {adapter.config()}")
-        warm = adapter_from_checkpoint(source, generator, parent).state_dict()  # refuses another generator's
+        with as_user_error("--init_from"):  # refuses another generator's adapter
+            warm = adapter_from_checkpoint(source, generator, parent).state_dict()
         adapter.load_state_dict(warm)
         ema_adapter.load_state_dict(warm)
     return adapter, ema_adapter
@@ -162,7 +164,7 @@ def main(argv):
         if baseline is None:
             baseline = held_out(ema_model, scenes, opt.sample_steps, use_adapter=False)
         videos, accuracy = held_out(ema_model, scenes, opt.sample_steps, opt.sample_guidance)
-        save_video(f"{opt.out_dir}/samples/step_{run.step:06d}.gif",
+        save_video(run.sample_path(),
                    comparison_video(scenes, [baseline[0], videos], range(min(4, opt.eval_scenes)),
                                     ["no adapter", "adapter"]))
         return {"no_adapter": baseline[1], "adapter": accuracy}
@@ -186,16 +188,17 @@ def main(argv):
         ema_update(ema_adapter, adapter, ema_decay_at(step, opt.ema_decay))
 
         record = {"loss": round(loss.item(), 5), "grad_norm": round(grad_norm, 4), "lr": lr, "maps": maps}
+        if run.master and run.due(opt.sample_interval):
+            record["held_out"] = evaluate()
+            run.write(metrics.versus(record["held_out"]["adapter"], record["held_out"]["no_adapter"],
+                                     "generator alone"))
+        run.log(record, clips=opt.batch_size)
         if run.due(opt.ckpt_interval):
             run.save(adapter, parent=parent["run_id"], parent_path=opt.generator_ckpt,
                      generator_config=config_dict(generator), adapter_config=adapter.config(),
                      condition=opt.condition, model=adapter.state_dict(), ema=ema_adapter.state_dict(),
                      optimizer=optimizer.state_dict())
-        if run.master and run.due(opt.sample_interval):
-            record["held_out"] = evaluate()
-            run.write(f"step {run.step}: " + metrics.versus(record["held_out"]["adapter"],
-                                                           record["held_out"]["no_adapter"], "generator alone"))
-        run.log(record, clips=opt.batch_size)
+            run.draw_curves()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import metrics
 from autoencoder import FrameAutoencoder
 from common import (Run, UserError, check_new_file, export_checkpoint, lr_at, parse_flags, require_at_least,
                     require_one_of, set_lr)
+from model import CLIP_SHAPES
+
 
 def reconstruction_loss(reconstruction, batch, object_weight, edge_weight):
     """L1 with object pixels weighted `object_weight` times, plus the L1 of the
@@ -92,7 +94,7 @@ RECIPES = {"small": dict(max_steps=12000)}  # --config=small
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
-    require_one_of(opt, "config", data.CLIP_SHAPES)
+    require_one_of(opt, "config", CLIP_SHAPES)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "eval_interval", "channels"))
     require_at_least(opt, ("width",), 8)  # GroupNorm(8)
     shape = data.video_shape(opt.config)
@@ -128,9 +130,10 @@ def main(argv):
         record = {"loss": round(loss.item(), 5)}
         if run.due(opt.eval_interval) and run.master:
             record.update(held_out(autoencoder, held_out_batch, encoder, references))
-        if run.due(opt.ckpt_interval) and run.step < opt.max_steps:
-            save()
         run.log(record, clips=opt.batch_size)
+        if run.due(opt.ckpt_interval):
+            save()
+            run.draw_curves()
     if run.step < opt.max_steps:  # stopped early: resume later
         return
     mean, std = latent_statistics(autoencoder, opt.config, 256, seed=opt.seed + 31)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import data
 from common import Run, check_new_file, export_checkpoint, lr_at, parse_flags, require_at_least, require_one_of, set_lr
 from fvd import N_COLORS, N_SHAPES, VideoEncoder, reference_statistics
+from model import CLIP_SHAPES
 
 
 class LabelledWorld(data.SpriteWorld):
@@ -104,7 +105,7 @@ RECIPES = {"small": dict(max_steps=4000)}  # --config=small
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
-    require_one_of(opt, "config", data.CLIP_SHAPES)
+    require_one_of(opt, "config", CLIP_SHAPES)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval"))
     require_at_least(opt, ("width",), 8)  # GroupNorm(8)
     require_at_least(opt, ("reference_clips",), 2)  # a covariance needs two clips
@@ -134,10 +135,11 @@ def main(argv):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if run.due(opt.ckpt_interval) and run.step < opt.max_steps:
-            save()
         run.log({"loss": round(loss.item(), 5), "pixel": round(pixel_loss.item(), 5),
                  "motion_px": round(motion_px.item(), 3)}, clips=opt.batch_size)
+        if run.due(opt.ckpt_interval):
+            save()
+            run.draw_curves()
     if run.step < opt.max_steps:  # stopped early: resume later
         return
     # Real statistics from a seed neither training nor the benchmark uses.

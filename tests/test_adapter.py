@@ -117,7 +117,7 @@ def test_checkpoint_round_trip_and_wrong_generator_refused(kind, tmp_path):
     assert torch.equal(run(loaded), run(adapter))
 
     other = generator_checkpoint(tmp_path / "other.pt", micro_generator(seed=1), "run-b")
-    with pytest.raises(common.UserError, match="trained on the generator checkpoint"):
+    with pytest.raises(ValueError, match="trained on the generator checkpoint"):
         adapter_from_checkpoint(ckpt, micro_generator(seed=1), other)
     # Asked for on purpose (the naive pairing), it loads.
     adapter_from_checkpoint(ckpt, micro_generator(seed=1), other, allow_other_generator=True)

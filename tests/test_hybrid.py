@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 
 import common
 from adapter import Controlled, build_adapter
-from hybrid_finetune import (DISC_MAX_T, LOSSES, DiffusionDiscriminator, diffusion_weight, disc_time,
-                             discriminator_loss, mix_gradients)
+from hybrid_finetune import (DISC_MAX_T, LOSSES, DiffusionDiscriminator, adapter_update, adversarial_loss,
+                             diffusion_loss, disc_time, discriminator_loss, loss_weights)
 from model import config_dict, fast_times, few_step_sample, few_step_step
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_batch, micro_generator
 
@@ -66,12 +67,15 @@ def test_query_discriminator_reads_the_trajectory():
 
 def test_lambda_schedule_hands_over_from_diffusion_to_adversarial():
     """The paper's 1 / (4e-3 step + 0.1) over 1K steps, stretched to the run."""
+    lam = lambda step, max_steps: loss_weights("hybrid", step, max_steps)[1]
     for max_steps in (300, 1000):
-        assert diffusion_weight("hybrid", 0, max_steps) == pytest.approx(10.0)
-        assert diffusion_weight("hybrid", 0.225 * max_steps, max_steps) == pytest.approx(1.0)
-        assert diffusion_weight("hybrid", max_steps, max_steps) == pytest.approx(1 / 4.1)
-    assert diffusion_weight("hybrid", 100, 1000) == pytest.approx(1 / (4e-3 * 100 + 0.1))
-    assert all(diffusion_weight(loss, 50, 300) == 1.0 for loss in ("fixed_lambda", "diffusion", "adversarial"))
+        assert lam(0, max_steps) == pytest.approx(10.0)
+        assert lam(0.225 * max_steps, max_steps) == pytest.approx(1.0)
+        assert lam(max_steps, max_steps) == pytest.approx(1 / 4.1)
+    assert lam(100, 1000) == pytest.approx(1 / (4e-3 * 100 + 0.1))
+    # The ablations: other weights of the same equation, (adversarial weight, lambda).
+    assert [loss_weights(loss, 50, 300) for loss in ("fixed_lambda", "diffusion", "adversarial")] == \
+        [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]
 
 
 def test_adversarial_gradient_reaches_the_adapter_and_only_it():
@@ -167,18 +171,35 @@ def test_two_process_ddp_hybrid_keeps_ranks_in_sync(tmp_path):
     assert ckpt["step"] == 2 and any(not torch.equal(ckpt["model"][k], adapter.state_dict()[k]) for k in ckpt["model"])
 
 
-def test_balance_scales_the_adversarial_gradient_to_the_diffusion_one():
-    """mix_gradients: lambda * diffusion + s * adversarial, s making the two the same size (balance) or 1."""
-    adapter = torch.nn.Linear(3, 2)
+def test_one_backward_of_the_equation_gives_lambda_diffusion_plus_balanced_adversarial():
+    """adapter_update's gradient is lambda * grad(diffusion) + s * grad(adversarial), each
+    gradient taken apart here on the same noise; balance makes s * |grad(adversarial)| =
+    |grad(diffusion)|, and the classifier is left untouched."""
+    fast = micro_generator(seed=2)
+    adapter = trained_looking_adapter(fast)
+    model, disc = Controlled(fast, adapter), discriminator()
+    batch = micro_batch()
+    video, cond, times = batch["video"], dict(first_frame=batch["video"][:, 0], trajectory=batch["box_maps"]), \
+        fast_times(3.0)
     rng = torch.Generator().manual_seed(0)
-    diffusion = [torch.randn(p.shape, generator=rng) for p in adapter.parameters()]
-    adversarial = [50 * torch.randn(p.shape, generator=rng) for p in adapter.parameters()]
+    parameters = list(adapter.parameters())
+    diffusion = torch.autograd.grad(diffusion_loss(model, video, times, 1, cond, rng), parameters)
+    adversarial = torch.autograd.grad(adversarial_loss(model, disc, video, times, 2, cond, rng, "low")[0], parameters)
     norm = lambda grads: torch.sqrt(sum((g ** 2).sum() for g in grads))
-    scale = mix_gradients(adapter, {"diffusion": diffusion, "adversarial": adversarial}, 10.0, balance=True)
-    assert abs(scale * norm(adversarial) - norm(diffusion)) < 1e-4
-    for p, d, a in zip(adapter.parameters(), diffusion, adversarial):
-        assert torch.allclose(p.grad, 10 * d + scale * a)
-    assert mix_gradients(adapter, {"diffusion": diffusion, "adversarial": adversarial}, 1.0, balance=False) == 1.0
-    assert all(torch.allclose(p.grad, d + a) for p, d, a in zip(adapter.parameters(), diffusion, adversarial))
-    mix_gradients(adapter, {"adversarial": adversarial}, 1.0, balance=True)  # one loss alone: as it is
-    assert all(torch.equal(p.grad, a) for p, a in zip(adapter.parameters(), adversarial))
+    for balance in (True, False):
+        record = {}
+        fake = adapter_update(model, adapter, disc, video, times, 1, 2, cond, (1.0, 10.0),
+                              SimpleNamespace(balance=balance, disc_noise="low"), torch.Generator().manual_seed(0), record)
+        scale = record["adversarial_scale"]
+        assert fake.shape == video.shape and (scale == 1.0) != balance
+        if balance:
+            assert scale * norm(adversarial) == pytest.approx(norm(diffusion).item(), rel=1e-4)
+        for p, d, a in zip(parameters, diffusion, adversarial):
+            expected = 10 * d + scale * a
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+        assert all(p.grad is None for p in disc.classifier.parameters())
+        adapter.zero_grad(set_to_none=True)
+    record = {}  # an ablation's zero weight: its term is not computed
+    assert adapter_update(model, adapter, disc, video, times, 1, 2, cond, (0.0, 1.0),
+                          SimpleNamespace(balance=True, disc_noise="low"), rng, record) is None
+    assert "adversarial" not in record and record["adversarial_scale"] == 1.0

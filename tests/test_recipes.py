@@ -27,8 +27,8 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
     (train_adapter, "slow_adapter_controlnet_tiny.pt", BOX),
     (train_adapter, "slow_adapter_lora_tiny.pt", ["--adapter=lora", *BOX]),
     (distill, "fast_generator_tiny.pt", []),
-    (distill, "dmd_joint_mask_tiny.pt", ["--controlled=true", "--max_steps=1200", "--stop_at=0"]),
-    (distill, "dmd_joint_tiny.pt", ["--controlled=true", "--max_steps=1200", "--stop_at=0"]),
+    (distill, "dmd_joint_mask_tiny.pt", ["--recipe=dmd_joint"]),
+    (distill, "dmd_joint_tiny.pt", ["--recipe=dmd_joint"]),
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_mask_tiny.pt", []),
     *[(hybrid_finetune, f"fast_adapter_{loss}_controlnet_mask_tiny.pt", [f"--loss={loss}"])
       for loss in ("fixed_lambda", "diffusion", "adversarial")],
@@ -90,5 +90,5 @@ def test_the_lab_recipe_is_a_named_flag_set_and_a_given_flag_wins(script):
     assert lab.out_dir.startswith("runs/lab_") and lab.num_workers == 0  # its own folder; one thread, no workers
     given = common.parse_flags(script.FLAGS, ["--max_steps=3", "--recipe=lab"], script.__doc__, script.RECIPES)
     assert given.max_steps == 3 and given.out_dir == lab.out_dir
-    with pytest.raises(SystemExit, match="--recipe must be one of small, lab, got 'labs'"):
+    with pytest.raises(SystemExit, match="--recipe must be one of small, lab(, dmd_joint)?, got 'labs'"):
         common.parse_flags(script.FLAGS, ["--recipe=labs"], script.__doc__, script.RECIPES)
