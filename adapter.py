@@ -2,8 +2,8 @@
 
 An adapter reads trajectory maps (data.trajectory_maps: boxes or masks drawn
 in ID colours, one map per frame) and steers the generator so that the
-objects of the first frame follow them. FlashMotion is shown on two adapter
-families; so are we:
+objects of the first frame follow them. FlashMotion is shown on a ControlNet
+and on a lightweight ResNet adapter; we have both, and a LoRA:
 
   controlnet  a trainable copy of the generator's first K blocks reads the
               noisy video tokens plus the trajectory tokens; each copied
@@ -12,9 +12,14 @@ families; so are we:
               trajectory ControlNet);
   lora        a small trajectory encoder whose tokens are added to the
               generator's input tokens (zero-initialised), plus low-rank
-              updates of every attention projection (B zero-initialised).
+              updates of every attention projection (B zero-initialised);
+  resnet      the paper's lightweight adapter: reads only the maps (never the
+              noisy clip), encoded by the generator's own frozen codec as the
+              paper encodes them with its VAE, through a chain of residual 3D
+              conv blocks, one per DiT block, each added to its block through
+              a zero-initialised layer.
 
-Both start as exactly the generator. An adapter reads the maps it was
+All three start as exactly the generator. An adapter reads the maps it was
 trained on, box or mask (its `condition`, saved in every checkpoint of it):
 `Controlled.trajectory(batch)` picks them, so every stage feeds it the same.
 The adapter is trained by train_adapter.py (stage 1) and finetuned by
@@ -25,11 +30,12 @@ import copy
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch.func import functional_call
 
 from model import config_dict, model_from_checkpoint
 
-ADAPTERS = ("controlnet", "lora")
+ADAPTERS = ("controlnet", "lora", "resnet")
 CONDITIONS = {"box": "box_maps", "mask": "mask_maps"}  # condition -> the batch key of its maps
 # The shipped family reads mask maps: boxes do not show an object's shape, so an
 # adapter that reads them draws blobs that fill the box (docs/results.md).
@@ -115,6 +121,44 @@ class LoRAAdapter(nn.Module):
                                dict(keep=keep, token_residual=tokens, **hooks))
 
 
+class ResNetAdapter(nn.Module):
+    """Maps -> per-block residuals, whatever the noisy clip and the time: the
+    same steering at every denoising step, as T2I-Adapter's features are."""
+
+    def __init__(self, generator, condition, width=0):
+        super().__init__()
+        self.condition = condition
+        cfg = generator.cfg
+        self.width = width or cfg.dim // 2
+        if self.width < 8 or self.width % 8:
+            raise ValueError(f"width must be a positive multiple of 8 (GroupNorm's groups), got {self.width}")
+        pt, p = generator.token_patch
+        self.embed = nn.Linear((generator.space[1] + 1) * pt * p * p, self.width)  # an encoded map patch, its flag
+        self.blocks = nn.ModuleList(nn.Sequential(nn.GroupNorm(8, self.width), nn.SiLU(),
+                                                  nn.Conv3d(self.width, self.width, 3, padding=1))
+                                    for _ in range(cfg.depth))
+        self.outputs = nn.ModuleList(zero_linear(self.width, cfg.dim) for _ in range(cfg.depth))
+
+    def config(self):
+        return {"type": "resnet", "width": self.width}
+
+    def residuals(self, generator, trajectory, traj_keep=None):
+        """One (B, N, dim) residual per DiT block, from the maps (B, T, 3, H, W) in [0, 1] alone."""
+        maps = generator.encode(trajectory * 2 - 1)  # (B, T, C, h, w): the frozen codec, as the clips
+        h = self.embed(generator.patchify(trajectory_channels(maps, traj_keep)))  # (B, N, width)
+        t, hh, ww = generator.grid
+        h = rearrange(h, "b (t h w) c -> b c t h w", t=t, h=hh, w=ww)
+        residuals = []
+        for block, output in zip(self.blocks, self.outputs):
+            h = h + block(h)
+            residuals.append(output(rearrange(h, "b c t h w -> b (t h w) c")))
+        return residuals
+
+    def forward(self, generator, x_t, t, first_frame, trajectory, keep=None, traj_keep=None, **hooks):
+        return generator(x_t, t, first_frame, keep, block_residuals=self.residuals(generator, trajectory, traj_keep),
+                         **hooks)
+
+
 def zero_linear(d_in, d_out):
     layer = nn.Linear(d_in, d_out)
     nn.init.zeros_(layer.weight)
@@ -122,16 +166,16 @@ def zero_linear(d_in, d_out):
     return layer
 
 
-def build_adapter(kind, generator, condition=DEFAULT_CONDITION, blocks=0, rank=LORA_RANK):
-    """A fresh adapter of `kind` on `generator`, reading `condition` maps (box | mask).
-    A wrong argument raises ValueError (the script that asked turns it into its one-line error)."""
+def build_adapter(kind, generator, condition=DEFAULT_CONDITION, **options):
+    """A fresh adapter of `kind` on `generator`, reading `condition` maps (box | mask);
+    options: blocks (controlnet), rank (lora), width (resnet). A wrong argument
+    raises ValueError (the script that asked turns it into its one-line error)."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got '{condition}'")
-    if kind == "controlnet":
-        return ControlNetAdapter(generator, condition, blocks)
-    if kind == "lora":
-        return LoRAAdapter(generator, condition, rank)
-    raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got '{kind}'")
+    kinds = {"controlnet": ControlNetAdapter, "lora": LoRAAdapter, "resnet": ResNetAdapter}
+    if kind not in kinds:
+        raise ValueError(f"adapter must be one of {', '.join(ADAPTERS)}, got '{kind}'")
+    return kinds[kind](generator, condition, **options)
 
 
 class Controlled(nn.Module):

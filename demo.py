@@ -50,7 +50,7 @@ FLAGS = dict(
     host=("127.0.0.1", "the address to bind; 127.0.0.1 serves this machine only"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     config=("tiny", "micro | tiny | small: which checkpoints"),
-    adapter=("controlnet", "controlnet | lora: the adapter family"),
+    adapter=("controlnet", "controlnet | lora | resnet: the adapter family"),
     condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read"),
     threads=(0, "CPU threads; 0: half the cores (common.set_threads)"),
     **ROLE_FLAGS,

@@ -45,6 +45,8 @@ for kind in controlnet lora; do
   # the mask-map family (the default): the box adapter, continued on mask maps
   stage slow_adapter_${kind}_mask train_adapter.py --adapter=$kind
 done
+# the paper's lightweight ResNet adapter, on mask maps from scratch (the box adapters' schedule)
+stage slow_adapter_resnet_mask train_adapter.py --recipe=resnet --max_steps=$box_steps
 stage fast_generator distill.py
 for maps in _mask ""; do  # mask maps, then box maps (the paper's final condition)
   stage dmd_joint$maps distill.py "${joint[@]}" \

@@ -8,6 +8,7 @@ classifier-free guidance on the trajectory works at sampling.
 
     python train_adapter.py                  # the shipped mask ControlNet: the box one, 600 steps on mask maps
     python train_adapter.py --adapter=lora   # the same for the LoRA adapter
+    python train_adapter.py --recipe=resnet  # the paper's ResNet adapter on mask maps, from scratch
     python train_adapter.py --condition=box --mask_first=0.46 --max_steps=4000 --lr=5e-4 --warmup=100
                                              # the box adapter: mask maps for 46% of the steps, then box maps
     torchrun --nproc_per_node=4 train_adapter.py --config=small --generator_ckpt=runs/slow_generator_small/ckpt.pt
@@ -34,7 +35,7 @@ from video import comparison_video, save_video
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: must match the generator"),
     generator_ckpt=("", "the slow generator; default checkpoints/slow_generator_<config>.pt"),
-    adapter=("controlnet", "controlnet | lora"),
+    adapter=("controlnet", "controlnet | lora | resnet (the paper's lightweight adapter: --recipe=resnet)"),
     condition=(DEFAULT_CONDITION, "mask | box: which trajectory maps steer the objects"),
     mask_first=(0.0, "with box maps: read mask maps for this share of the steps first (the paper: masks, then boxes)"),
     max_free=(0, "each training scene also holds 0 to this many free objects, which no map shows (data.random_scene)"),
@@ -68,7 +69,9 @@ FLAGS = dict(
 RECIPES = {"small": dict(max_steps=1500),  # --config=small
            # --recipe=lab: docs/course.md, lab 3: a mask ControlNet from scratch in 10 minutes on one CPU thread
            "lab": dict(init_from="none", batch_size=8, max_steps=450, lr=5e-4, sample_interval=150, eval_scenes=8,
-                       sample_steps=20, num_workers=0, out_dir="runs/lab_slow_adapter")}
+                       sample_steps=20, num_workers=0, out_dir="runs/lab_slow_adapter"),
+           # --recipe=resnet: the paper's lightweight adapter on mask maps, from scratch on the box adapters' schedule
+           "resnet": dict(adapter="resnet", init_from="none", max_steps=4000, lr=5e-4, warmup=100, sample_interval=500)}
 
 
 @torch.no_grad()
@@ -105,8 +108,10 @@ def check_flags(opt):
 
 def adapters(opt, run, generator, parent):
     """The adapter to train and its EMA: fresh, or warm from --init_from, or as the run left them."""
-    with as_user_error({"controlnet": "--controlnet_blocks", "lora": "--lora_rank"}[opt.adapter]):
-        adapter = build_adapter(opt.adapter, generator, opt.condition, opt.controlnet_blocks, opt.lora_rank)
+    flag, options = {"controlnet": ("--controlnet_blocks", dict(blocks=opt.controlnet_blocks)),
+                     "lora": ("--lora_rank", dict(rank=opt.lora_rank)), "resnet": ("--adapter", {})}[opt.adapter]
+    with as_user_error(flag):
+        adapter = build_adapter(opt.adapter, generator, opt.condition, **options)
     adapter = adapter.to(run.device)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
     saved = run.saved

@@ -84,6 +84,29 @@ def test_adapter_lowers_the_loss_on_a_fixed_batch(kind):
     assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])
 
 
+def test_the_resnet_adapter_reads_the_maps_alone():
+    """Its steering is one residual per DiT block computed from the maps only:
+    any noisy clip at any time gets exactly those residuals added."""
+    generator = micro_generator()
+    adapter = build_adapter("resnet", generator)
+    assert len(adapter.blocks) == len(adapter.outputs) == generator.cfg.depth
+    for layer in adapter.outputs:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    controlled = Controlled(generator, adapter)
+    batch = micro_batch()
+    residuals = adapter.residuals(generator, batch["box_maps"])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x, t = torch.randn(2, 4, 3, 16, 16), torch.rand(2)
+        steered = controlled(x, t, batch["video"][:, 0], trajectory=batch["box_maps"])
+        assert torch.equal(steered, generator(x, t, batch["video"][:, 0], block_residuals=residuals))
+        assert not torch.allclose(steered, generator(x, t, batch["video"][:, 0]))
+    other = adapter.residuals(generator, batch["box_maps"].roll(4, dims=-1))
+    assert not torch.allclose(other[0], residuals[0])  # the maps do matter
+    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+        build_adapter("resnet", generator, width=12)
+
+
 def test_trajectory_dropout_is_a_distinct_condition():
     generator = micro_generator()
     adapter = build_adapter("controlnet", generator)

@@ -66,15 +66,18 @@ def test_flow_matching_loss_halves_on_a_fixed_batch_in_the_latent():
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.parametrize("kind", ["controlnet", "resnet"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_adapter_reads_full_resolution_maps_on_any_codec(codec):
+def test_adapter_reads_full_resolution_maps_on_any_codec(codec, kind):
+    """The ControlNet patchifies the pixel maps; the ResNet adapter reads them through the codec."""
     generator = micro_model(codec).requires_grad_(False)
-    controlled = Controlled(generator, build_adapter("controlnet", generator))
+    controlled = Controlled(generator, build_adapter(kind, generator))
     batch = data.SpriteWorld(4, 16, batch_size=2, seed=3).batch(0)
     x, t = generator.encode(batch["video"]), torch.tensor([0.4, 0.7])
     base = generator(x, t, x[:, 0])
     torch.testing.assert_close(controlled(x, t, x[:, 0], trajectory=batch["box_maps"]), base)  # zero-initialised
-    torch.nn.init.normal_(controlled.adapter.trajectory_embed.weight, std=0.1)
+    if kind == "controlnet":
+        torch.nn.init.normal_(controlled.adapter.trajectory_embed.weight, std=0.1)
     for layer in controlled.adapter.outputs:
         torch.nn.init.normal_(layer.weight, std=0.1)
     moved = controlled(x, t, x[:, 0], trajectory=batch["box_maps"])
