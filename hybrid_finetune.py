@@ -227,7 +227,7 @@ def balance_weight(diffusion, adversarial, adapter):
     first, as taming-transformers does). Ours is 3 to 100 times the diffusion one
     (docs/results.md), so unweighted it would lead after a few percent of the run;
     balanced, lambda = 10 -> 0.24 hands over as the paper intends. It costs a
-    backward pass of each loss more: a step takes 24% longer on tiny (docs/results.md)."""
+    backward pass of each loss more: a tiny step takes a third longer (docs/results.md)."""
     parameters = list(adapter.parameters())
     return (gradient_norm(diffusion, parameters) / (gradient_norm(adversarial, parameters) + 1e-12)).item()
 

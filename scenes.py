@@ -46,6 +46,8 @@ def read_json(path):
         raise UserError(f"{path}: cannot read it as a text file ({getattr(e, 'strerror', None) or e.reason})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:  # Python's JSON reader recurses once per bracket
+        raise UserError(f"{path}: nested too deeply to be a scene") from None
 
 
 def load_scene(path):

@@ -111,6 +111,7 @@ def test_bad_input_gets_a_4xx_naming_it_and_the_server_keeps_serving(server):
         answer = call(f"{url}/api/generate", body)
         assert answer[0] == status and words in json.loads(answer[2])["error"], (body, answer)
     for raw, status, words in [(b"{not json", 400, "malformed JSON"), (b"\xff\xfe", 400, "malformed JSON"),
+                               (b"[" * 5000 + b"]" * 5000, 400, "malformed JSON: maximum recursion depth"),
                                (b" " * (demo.MAX_BODY + 1), 413, "over 1048576 bytes")]:
         answer = call(f"{url}/api/generate", raw=raw)
         assert answer[0] == status and words in json.loads(answer[2])["error"], (raw[:10], answer)

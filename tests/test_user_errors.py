@@ -100,6 +100,8 @@ def test_wrong_scene_files_are_named(micro_folder):
     (micro_folder / "scene.json").write_text(json.dumps(scene))
     error = run_sample(micro_folder)
     assert "'size'" in error and "'background.seed'" in error
+    (micro_folder / "scene.json").write_text("[" * 5000 + "]" * 5000)
+    assert "scene.json: nested too deeply to be a scene" in run_sample(micro_folder)
     (micro_folder / "scene.json").unlink()
     (micro_folder / "scene.json").mkdir()
     assert "scene.json: cannot read it" in run_sample(micro_folder)
