@@ -1,7 +1,7 @@
 """A training run's curves as a picture: `curves.png` beside its `log.jsonl`,
 one small panel per logged figure (the losses, lambda, the held-out figures),
-redrawn at every checkpoint (common.Run.save), so a run in progress can be
-looked at. Drawn with Pillow, which imageio already brings.
+redrawn beside every checkpoint (common.Run.draw_curves), so a run in
+progress can be looked at. Drawn with Pillow, which imageio already brings.
 
     python plot.py runs/slow_generator_tiny     # redraw a run's curves.png by hand
 """
