@@ -317,9 +317,9 @@ class Run:
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def due(self, interval):
-        """True every `interval` steps and at the last step of this session."""
-        return interval > 0 and (self.step % interval == 0 or self.step == self.end)
+    def due(self, interval, at=()):
+        """True every `interval` steps and at the last step of this session; also after the steps `at`."""
+        return interval > 0 and (self.step % interval == 0 or self.step == self.end) or self.step in at
 
     def save(self, trained, /, **payload):
         """All ranks check that the `trained` module's weights agree; rank 0 writes the checkpoint."""

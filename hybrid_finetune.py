@@ -47,6 +47,8 @@ FLAGS = dict(
     slow_generator_ckpt=("", "the discriminator's backbone; default checkpoints/slow_generator_<config>.pt"),
     adapter_ckpt=("", "the slow adapter; default checkpoints/slow_adapter_controlnet_mask_<config>.pt"),
     loss=("hybrid", "hybrid (lambda schedule) | fixed_lambda | diffusion | adversarial: weights of the equation"),
+    lambda_rate=(4.0, "how fast lambda falls: 1 / (rate * step / max_steps + 0.1); 4, the paper's 4e-3 a step "
+                      "over its 1K steps"),
     balance=(True, "weight the adversarial term so that its gradient is as large as the diffusion term's "
                    "(balance_weight; not the paper's)"),
     disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
@@ -65,6 +67,7 @@ FLAGS = dict(
     ema_decay=(0.99, "EMA of the adapter, what is exported"),
     ckpt_interval=(50, "checkpoint every this many steps"),
     sample_interval=(200, "held-out mIoU and a GIF every this many steps (0: never)"),
+    eval_steps=("", "comma-separated steps at which to measure too, e.g. early while lambda is high"),
     eval_scenes=(16, "held-out scenes measured"),
     num_workers=(1, "data processes per rank"),
     seed=(0, "seed of data and noise"),
@@ -73,7 +76,8 @@ FLAGS = dict(
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(max_steps=1000),  # --config=small; --recipe=lab: docs/course.md, lab 5
-           "lab": dict(max_steps=120, sample_interval=40, eval_scenes=8, num_workers=0, out_dir="runs/lab_fast_adapter")}
+           "lab": dict(max_steps=120, sample_interval=40, eval_steps="10,20", eval_scenes=8, num_workers=0,
+                       out_dir="runs/lab_fast_adapter")}
 
 
 # ------------------------------------------- the diffusion discriminator ---
@@ -147,28 +151,28 @@ def disc_time(batch, rng, device, kind):
     return 0.02 + (DISC_MAX_T - 0.02) * torch.rand(batch, generator=rng, device=device)
 
 
-def paper_lambda(step, max_steps):
+def paper_lambda(step, max_steps, rate=4.0):
     """lambda(step), the diffusion loss's weight beside the adversarial loss.
     The paper's 1 / (4e-3 step + 0.1) ran over ~1K steps; here `step` is
-    measured in thousandths of the run: 10 at first, 1 at 22.5% of it, 0.24
-    at its end."""
-    return 1.0 / (4.0 * step / max_steps + 0.1)
+    measured in thousandths of the run, so at the paper's rate 4: 10 at
+    first, 1 at 22.5% of it, 0.24 at its end."""
+    return 1.0 / (rate * step / max_steps + 0.1)
 
 
-# --loss: FlashMotion and its ablations as weights of one equation,
-# (the adversarial term's weight, lambda(step, max_steps)); a term weighted 0 is not computed.
+# --loss: FlashMotion and its ablations as weights of one equation, (the adversarial
+# term's weight, lambda); lambda None follows paper_lambda. A term weighted 0 is not computed.
 LOSSES = {
-    "hybrid": (1.0, paper_lambda),                  # FlashMotion: lambda falls from 10 to 0.24
-    "fixed_lambda": (1.0, lambda step, steps: 1.0),  # ablation: lambda = 1 throughout
-    "diffusion": (0.0, lambda step, steps: 1.0),     # ablation: the diffusion loss alone
-    "adversarial": (1.0, lambda step, steps: 0.0),   # ablation: the adversarial loss alone
+    "hybrid": (1.0, None),         # FlashMotion: lambda falls from 10 to 0.24
+    "fixed_lambda": (1.0, 1.0),    # ablation: lambda = 1 throughout
+    "diffusion": (0.0, 1.0),       # ablation: the diffusion loss alone
+    "adversarial": (1.0, 0.0),     # ablation: the adversarial loss alone
 }
 
 
-def loss_weights(loss, step, max_steps):
+def loss_weights(opt, step):
     """(adversarial weight, lambda) of --loss at this step."""
-    adversarial_weight, lam = LOSSES[loss]
-    return adversarial_weight, lam(step, max_steps)
+    adversarial_weight, lam = LOSSES[opt.loss]
+    return adversarial_weight, paper_lambda(step, opt.max_steps, opt.lambda_rate) if lam is None else lam
 
 
 # ---------------- the adapter's two losses, the paper's equation, the classifier's update ---
@@ -264,7 +268,8 @@ def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_n
 # ------------------------------------------------------------------ loop ---
 
 def check_flags(opt):
-    """Refuse wrong flags, fill in the default paths; returns the discriminator's blocks and the GAN's steps."""
+    """Refuse wrong flags, fill in the default paths; returns the discriminator's blocks, the GAN's
+    steps and the extra steps at which to measure."""
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "loss", LOSSES)
     require_one_of(opt, "disc_noise", ("low", "dmd"))
@@ -274,7 +279,8 @@ def check_flags(opt):
     opt.adapter_ckpt = opt.adapter_ckpt or f"checkpoints/slow_adapter_controlnet_mask_{opt.config}.pt"
     opt.out_dir = opt.out_dir or f"runs/fast_adapter_{opt.loss}_{opt.config}"
     return (require_indices(opt, "disc_blocks", CONFIGS[opt.config].depth),
-            require_indices(opt, "adv_steps", len(FAST_TIMES)))
+            require_indices(opt, "adv_steps", len(FAST_TIMES)),
+            require_indices(opt, "eval_steps", opt.max_steps + 1) if opt.eval_steps else [])
 
 
 def networks(opt, run, blocks):
@@ -311,7 +317,7 @@ def held_out(model, scenes, shift, device):
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__, RECIPES)
-    blocks, adv_steps = check_flags(opt)
+    blocks, adv_steps, eval_steps = check_flags(opt)
     run = Run(opt, kind="fast_adapter")
     device = run.device
     fast_ckpt, adapter_ckpt, fast_generator, adapter, ema_adapter, naive_pairing, discriminator = \
@@ -343,7 +349,7 @@ def main(argv):
         set_lr(optimizer_adapter, lr_at(step, opt.lr, opt.warmup, opt.max_steps))
         k = pick_step(opt.seed, step, len(times))  # one step of the 4-step list for the whole batch
         k_adv = adv_steps[pick_step(opt.seed, step, len(adv_steps))]  # k itself when the GAN judges every step
-        weights = loss_weights(opt.loss, step, opt.max_steps)
+        weights = loss_weights(opt, step)
         record = {"k": k, "k_adv": k_adv, "lambda": round(weights[1], 4)}
         fake = adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, cond, weights, opt, rng,
                               record)
@@ -354,7 +360,7 @@ def main(argv):
             disc_loss, accuracy = discriminator_update(train_disc, optimizer_discriminator, video, fake, cond, rng,
                                                        opt.disc_noise)
             record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
-        if run.master and run.due(opt.sample_interval):
+        if run.master and run.due(opt.sample_interval, at=eval_steps):
             naive = naive or held_out(naive_pairing, scenes, shift, device)
             videos, accuracy = held_out(ema_model, scenes, shift, device)
             save_video(run.sample_path(), comparison_video(scenes, [naive[0], videos], range(min(4, opt.eval_scenes)),

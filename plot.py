@@ -4,6 +4,7 @@ redrawn beside every checkpoint (common.Run.draw_curves), so a run in
 progress can be looked at. Drawn with Pillow, which imageio already brings.
 
     python plot.py runs/slow_generator_tiny     # redraw a run's curves.png by hand
+    python plot.py runs/lab_fast_adapter runs/lab_adversarial   # two runs on shared axes: curves_compare.png
 """
 
 import json
@@ -50,58 +51,107 @@ def smooth(values, span=0.05):
     return out
 
 
-def panel(name, steps, values, font, references=()):
-    """One curve: the raw values in grey, their trend in blue, the y range and
-    the last value written; references, (name, value), as red level lines."""
+# Schedules, not noisy measurements: drawn as they are, never smoothed; lambda (10 -> 0.24) on a log scale.
+SCHEDULES = {"lambda", "lr"}
+LOG_SCALE = {"lambda"}
+RUN_COLOURS = [(30, 90, 200), (230, 120, 20), (40, 160, 60), (150, 60, 190), (200, 40, 120), (20, 160, 170)]
+
+
+def panel(name, runs, font, references=()):
+    """One figure: per run (steps, values, colour), the raw values in a light
+    tint and their trend in the colour (schedules: as they are); the y range
+    and, for one run, its last value written; references, (name, value), as
+    red level lines. Every run shares the panel's axes."""
     width, height = PANEL
     image = Image.new("RGB", PANEL, "white")
     draw = ImageDraw.Draw(image)
-    low, high = min(values + [v for _, v in references]), max(values + [v for _, v in references])
-    span = (high - low) or 1.0
-    first, last = steps[0], max(steps[-1], steps[0] + 1)
+    log = name.split(".")[-1] in LOG_SCALE and all(v > 0 for _, values, _ in runs for v in values)
+    scale = (lambda v: np.log10(v)) if log else (lambda v: v)
+    every = [v for _, values, _ in runs for v in values] + [v for _, v in references]
+    low, high = min(every), max(every)
+    span = (scale(high) - scale(low)) or 1.0
+    first = min(steps[0] for steps, _, _ in runs)
+    last = max(max(steps[-1] for steps, _, _ in runs), first + 1)
     x = lambda s: MARGIN + (s - first) / (last - first) * (width - MARGIN - 6)
-    y = lambda v: height - MARGIN + 14 - (v - low) / span * (height - MARGIN - 6)
+    y = lambda v: height - MARGIN + 14 - (scale(v) - scale(low)) / span * (height - MARGIN - 6)
     draw.rectangle([MARGIN, 18, width - 6, height - MARGIN + 14], outline=(200, 200, 200))
-    for series, colour in ((values, (190, 190, 190)), (smooth(values), (30, 90, 200))):
-        points = [(x(s), y(v)) for s, v in zip(steps, series)]
-        draw.line(points, fill=colour, width=1) if len(points) > 1 else draw.point(points, fill=colour)
+    for steps, values, colour in runs:
+        tint = tuple(int(255 - 0.35 * (255 - c)) for c in colour)
+        series = [(values, colour)] if name.split(".")[-1] in SCHEDULES else [(values, tint), (smooth(values), colour)]
+        for points, fill in series:
+            points = [(x(s), y(v)) for s, v in zip(steps, points)]
+            draw.line(points, fill=fill, width=1) if len(points) > 1 else draw.point(points, fill=fill)
     for label, value in references:
         draw.line([(MARGIN, y(value)), (width - 6, y(value))], fill=(210, 40, 40), width=1)
         above = y(value) - 12 if y(value) > 32 else y(value) + 1  # the label clear of the title
         draw.text((width - 6 - font.getlength(label), above), label, fill=(210, 40, 40), font=font)
-    draw.text((MARGIN, 3), f"{name}: {values[-1]:.4g}", fill=(20, 20, 20), font=font)
+    title = f"{name}: {runs[0][1][-1]:.4g}" if len(runs) == 1 else name
+    draw.text((MARGIN, 3), title + (" (log)" if log else ""), fill=(20, 20, 20), font=font)
     draw.text((2, 16), f"{high:.3g}", fill=(90, 90, 90), font=font)
     draw.text((2, height - MARGIN + 6), f"{low:.3g}", fill=(90, 90, 90), font=font)
-    draw.text((MARGIN, height - MARGIN + 17), f"step {steps[0]}", fill=(90, 90, 90), font=font)
-    draw.text((width - 60, height - MARGIN + 17), f"{steps[-1]}", fill=(90, 90, 90), font=font)
+    draw.text((MARGIN, height - MARGIN + 17), f"step {first}", fill=(90, 90, 90), font=font)
+    draw.text((width - 60, height - MARGIN + 17), f"{last}", fill=(90, 90, 90), font=font)
     return np.asarray(image)
 
 
-def write_curves(log_path, png_path, columns=3):
-    """Draw every curve of log.jsonl that changes into png_path, `columns` panels a row (atomically).
-    A held-out figure that never changes is a baseline measured once (the naive pairing, the generator
-    alone): it is drawn as a level line in the panel of the figure of the same name ("...miou")."""
-    every = read_curves(log_path)
-    curves = {name: curve for name, curve in every.items() if len(set(curve[1])) > 1}
-    if not curves:
-        return
-    baselines = [(name, curve[1][0]) for name, curve in every.items() if name not in curves]
+def baselines_of(every, changing):
+    """A held-out figure that never changes is a baseline measured once (the naive pairing, the
+    generator alone): {figure name: [(its label, value)]}, to be drawn in the panel of the figure of
+    the same name ("...miou")."""
+    lines = {}
+    for other, (_, values) in every.items():
+        if other in changing or not other.startswith("held_out."):
+            continue
+        for name in changing:
+            if name.startswith("held_out.") and other.split(".")[-1] == name.split(".")[-1] \
+                    and other.count(".") == name.count("."):
+                lines.setdefault(name, []).append((other.split(".")[-2], values[0]))
+    return lines
 
-    def references(name):
-        return [(other.split(".")[-2], value) for other, value in baselines
-                if name.startswith("held_out.") and other.startswith("held_out.")
-                and other.split(".")[-1] == name.split(".")[-1] and other.count(".") == name.count(".")]
+
+def write_curves(log_paths, png_path, columns=3, labels=None):
+    """Draw every curve that changes, of one log.jsonl or of several runs on shared axes
+    (a legend of `labels` on top), into png_path, `columns` panels a row (atomically)."""
+    log_paths = [log_paths] if isinstance(log_paths, (str, os.PathLike)) else list(log_paths)
+    logs = [read_curves(path) for path in log_paths]
+    names = [name for name in dict.fromkeys(n for curves in logs for n in curves)
+             if any(len(set(curves[name][1])) > 1 for curves in logs if name in curves)]
+    if not names:
+        return
+    references = baselines_of(logs[0], set(names)) if len(logs) == 1 else {}
     font = ImageFont.load_default(11)
-    panels = [panel(name, *curves[name], font, references(name)) for name in curves]
+    panels = [panel(name, [(*curves[name], RUN_COLOURS[i % len(RUN_COLOURS)]) for i, curves in enumerate(logs)
+                           if name in curves], font, references.get(name, ())) for name in names]
     panels += [np.full_like(panels[0], 255)] * (-len(panels) % columns)
     rows = [np.concatenate(panels[i:i + columns], axis=1) for i in range(0, len(panels), columns)]
+    if len(logs) > 1:
+        rows.insert(0, legend(labels or [str(p) for p in log_paths], rows[0].shape[1], font))
     temporary = png_path + ".tmp"
     Image.fromarray(np.concatenate(rows, axis=0)).save(temporary, format="PNG")
     os.replace(temporary, png_path)
 
 
+def legend(labels, width, font):
+    """A band naming each run in its colour."""
+    image = Image.new("RGB", (width, 18 * len(labels) + 4), "white")
+    draw = ImageDraw.Draw(image)
+    for i, label in enumerate(labels):
+        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        draw.line([(8, 11 + 18 * i), (30, 11 + 18 * i)], fill=colour, width=3)
+        draw.text((36, 4 + 18 * i), label, fill=(20, 20, 20), font=font)
+    return np.asarray(image)
+
+
+USAGE = """usage: python plot.py RUN [RUN ...] [--out=FILE.png]
+  one run: redraws RUN/curves.png; several: draws them on shared axes into
+  --out (default: curves_compare.png here). A RUN is a folder with a log.jsonl."""
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], "log.jsonl")):
-        sys.exit("usage: python plot.py RUN_FOLDER   (a folder with a log.jsonl)")
-    write_curves(os.path.join(sys.argv[1], "log.jsonl"), os.path.join(sys.argv[1], "curves.png"))
-    print(f"wrote {os.path.join(sys.argv[1], 'curves.png')}")
+    runs = [arg for arg in sys.argv[1:] if not arg.startswith("--out=")]
+    outs = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--out=")]
+    if not runs or len(outs) > 1 or any(not os.path.exists(os.path.join(run, "log.jsonl")) for run in runs):
+        sys.exit(USAGE)
+    out = outs[0] if outs else os.path.join(runs[0], "curves.png") if len(runs) == 1 else "curves_compare.png"
+    write_curves([os.path.join(run, "log.jsonl") for run in runs], out, labels=runs)
+    print(f"wrote {out}")

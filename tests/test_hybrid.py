@@ -67,15 +67,18 @@ def test_query_discriminator_reads_the_trajectory():
 
 def test_lambda_schedule_hands_over_from_diffusion_to_adversarial():
     """The paper's 1 / (4e-3 step + 0.1) over 1K steps, stretched to the run."""
-    lam = lambda step, max_steps: loss_weights("hybrid", step, max_steps)[1]
+    weights = lambda loss, step, max_steps, rate=4.0: loss_weights(
+        SimpleNamespace(loss=loss, max_steps=max_steps, lambda_rate=rate), step)
+    lam = lambda step, max_steps: weights("hybrid", step, max_steps)[1]
     for max_steps in (300, 1000):
         assert lam(0, max_steps) == pytest.approx(10.0)
         assert lam(0.225 * max_steps, max_steps) == pytest.approx(1.0)
         assert lam(max_steps, max_steps) == pytest.approx(1 / 4.1)
     assert lam(100, 1000) == pytest.approx(1 / (4e-3 * 100 + 0.1))
     # The ablations: other weights of the same equation, (adversarial weight, lambda).
-    assert [loss_weights(loss, 50, 300) for loss in ("fixed_lambda", "diffusion", "adversarial")] == \
+    assert [weights(loss, 50, 300) for loss in ("fixed_lambda", "diffusion", "adversarial")] == \
         [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0)]
+    assert weights("hybrid", 0.0225 * 300, 300, rate=40.0)[1] == pytest.approx(1.0)  # --lambda_rate: ten times faster
 
 
 def test_adversarial_gradient_reaches_the_adapter_and_only_it():
@@ -154,6 +157,20 @@ def test_the_gan_judges_only_the_chosen_steps_at_the_chosen_noise(tmp_path):
     low, dmd = disc_time(4096, rng, "cpu", "low"), disc_time(4096, rng, "cpu", "dmd")
     assert 0.02 <= low.min() and low.max() <= DISC_MAX_T
     assert 0.02 <= dmd.min() and dmd.max() <= 0.98 and (dmd > 0.9).float().mean() > 0.1  # shifted: mostly noisy
+
+
+def test_the_schedule_rate_and_the_early_measurements_are_flags(tmp_path):
+    paths, _ = stage3_inputs(tmp_path)
+    result = subprocess.run([sys.executable, "hybrid_finetune.py", *MICRO_STAGE3, *paths, "--max_steps=4",
+                             "--lambda_rate=40", "--sample_interval=0", "--eval_steps=1,2",
+                             f"--out_dir={tmp_path / 'fast'}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "fast" / "log.jsonl")]
+    assert [r["lambda"] for r in log] == [round(1 / (40 * s / 4 + 0.1), 4) for s in range(4)]
+    assert ["held_out" in r for r in log] == [True, True, False, False]
+    bad = subprocess.run([sys.executable, "hybrid_finetune.py", *MICRO_STAGE3, *paths, "--max_steps=4",
+                          "--eval_steps=9", f"--out_dir={tmp_path / 'bad'}"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--eval_steps must be comma-separated numbers in 0..4" in bad.stderr
 
 
 def test_two_process_ddp_hybrid_keeps_ranks_in_sync(tmp_path):

@@ -44,3 +44,40 @@ def test_the_columns_are_named_in_the_picture():
     plain = video_grid([clips, clips])
     assert grid.shape[0] == 2 and grid.shape[1] == plain.shape[1] + band.shape[0] + 2
     assert np.array_equal(grid[:, -plain.shape[1]:], plain)
+
+
+def test_two_runs_share_the_axes_and_lambda_is_drawn_as_it_is_on_a_log_scale(tmp_path):
+    for name, rate in (("a", 4.0), ("b", 40.0)):
+        (tmp_path / name).mkdir()
+        write_log(tmp_path / name / "log.jsonl", [{"step": s, "loss": 1 / s + 0.1 * (s % 2),
+                                                   "lambda": 1 / (rate * s / 10 + 0.1)} for s in range(1, 11)])
+    out = tmp_path / "compare.png"
+    plot.write_curves([tmp_path / "a" / "log.jsonl", tmp_path / "b" / "log.jsonl"], str(out), columns=2,
+                      labels=["a", "b"])
+    image = iio.imread(out).astype(int)
+    band = 18 * 2 + 4  # the legend: one line a run
+    assert image.shape[:2] == (band + plot.PANEL[1], 2 * plot.PANEL[0])  # loss and lambda: one row
+    lam = image[band:, plot.PANEL[0]:]  # the lambda panel, second
+    has = lambda colour: (np.abs(lam - np.array(colour)).sum(-1) < 30).any()
+    assert has(plot.RUN_COLOURS[0]) and has(plot.RUN_COLOURS[1])  # both runs, in their colours
+    tint = tuple(int(255 - 0.35 * (255 - c)) for c in plot.RUN_COLOURS[0])
+    assert not has(tint)  # a schedule: drawn as it is, no smoothed trend over a tinted raw line
+    # Log scale: lambda = 1 (halfway between 10 and 0.1 in log) is drawn halfway up the panel.
+    panel = plot.panel("lambda", [([0, 1, 2], [10.0, 1.0, 0.1], (0, 0, 0))], plot.ImageFont.load_default(11))
+    width, height = plot.PANEL
+    x, y = plot.MARGIN + (width - plot.MARGIN - 6) / 2, height - plot.MARGIN + 14 - (height - plot.MARGIN - 6) / 2
+    assert (panel[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3].sum(-1) < 100).any()
+
+
+def test_plot_py_draws_several_runs_into_one_picture(tmp_path):
+    import subprocess
+    import sys
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_log(tmp_path / name / "log.jsonl", [{"step": s, "loss": 1 / s} for s in range(1, 5)])
+    result = subprocess.run([sys.executable, "plot.py", str(tmp_path / "a"), str(tmp_path / "b"),
+                             f"--out={tmp_path / 'both.png'}"], capture_output=True, text=True)
+    assert result.returncode == 0 and f"wrote {tmp_path / 'both.png'}" in result.stdout
+    assert iio.imread(tmp_path / "both.png").shape[0] == 18 * 2 + 4 + plot.PANEL[1]
+    missing = subprocess.run([sys.executable, "plot.py", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "usage: python plot.py RUN [RUN ...]" in missing.stderr

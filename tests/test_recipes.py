@@ -40,7 +40,7 @@ NOT_RECIPE = {"out_dir", "export", "resume", "stop_at", "time_limit", "num_worke
               "sample_interval", "generator_ckpt", "teacher_ckpt", "adapter_ckpt", "fast_generator_ckpt",
               "slow_generator_ckpt", "init_from", "features", "autoencoder", "data_dir"}
 # Options that have left the scripts, and the value the code now always takes (every shipped run used it).
-REMOVED = {"codec": "", "time_shift": TIME_SHIFT, "lambda_rate": 4.0, "discriminator": "query",
+REMOVED = {"codec": "", "time_shift": TIME_SHIFT, "discriminator": "query",
            "diffusion_steps": "0,1,2,3", "disc_max_t": hybrid_finetune.DISC_MAX_T, "disc_steps": 1, "mismatch": False}
 
 
