@@ -261,6 +261,8 @@ class Run:
         if os.path.exists(self.path) and not opt.resume:
             raise UserError(f"{self.path} exists: pass --resume=true to continue it, or choose another --out_dir")
         check_writable(self.path)
+        if opt.threads:  # a laptop class: one thread each, whatever else the machine runs (docs/course.md)
+            torch.set_num_threads(opt.threads)
         self.rank, self.world_size, self.device = setup_distributed()
         self.master = self.rank == 0
         torch.manual_seed(opt.seed)  # identical initial weights on every rank

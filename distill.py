@@ -69,13 +69,15 @@ FLAGS = dict(
                      "checkpoints/video_encoder_<config>.pt (no FID where it is missing)"),
     num_workers=(1, "data processes per rank"),
     seed=(0, "seed of data and noise"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(torch.cuda.is_available(), "torch.compile the trained networks (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(stop_at=0),  # --config=small
            # --recipe=lab: docs/course.md, lab 4: 400 iterations, the held-out FID every 100 (10 minutes, one thread)
-           "lab": dict(max_steps=400, stop_at=0, sample_interval=100, num_workers=0, out_dir="runs/lab_fast_generator"),
+           "lab": dict(threads=1, max_steps=400, stop_at=0, sample_interval=100, num_workers=0,
+                       out_dir="runs/lab_fast_generator"),
            # --recipe=dmd_joint: the paper's DMD baseline, the controlled model distilled whole
            "dmd_joint": dict(controlled=True, max_steps=1200, stop_at=0)}
 

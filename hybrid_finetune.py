@@ -71,12 +71,13 @@ FLAGS = dict(
     eval_scenes=(16, "held-out scenes measured"),
     num_workers=(1, "data processes per rank"),
     seed=(0, "seed of data and noise"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(torch.cuda.is_available(), "torch.compile the trained networks (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(max_steps=1000),  # --config=small; --recipe=lab: docs/course.md, lab 5
-           "lab": dict(max_steps=120, sample_interval=40, eval_steps="10,20", eval_scenes=8, num_workers=0,
+           "lab": dict(threads=1, max_steps=120, sample_interval=40, eval_steps="10,20", eval_scenes=8, num_workers=0,
                        out_dir="runs/lab_fast_adapter")}
 
 

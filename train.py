@@ -53,14 +53,15 @@ FLAGS = dict(
                      "(no FID where it is missing)"),
     num_workers=(1, "data processes per rank"),
     seed=(0, "seed of weights, data and noise"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(torch.cuda.is_available(), "torch.compile the training model (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(batch_size=64, max_steps=40000, stop_at=0),  # --config=small
            # --recipe=lab: docs/course.md, lab 2: 900 steps of 8 clips from scratch (10 minutes, one thread)
-           "lab": dict(batch_size=8, max_steps=900, stop_at=0, warmup=50, ema_decay=0.99, sample_interval=300,
-                       sample_steps=20, num_workers=0, out_dir="runs/lab_slow_generator")}
+           "lab": dict(threads=1, batch_size=8, max_steps=900, stop_at=0, warmup=50, ema_decay=0.99,
+                       sample_interval=300, sample_steps=20, num_workers=0, out_dir="runs/lab_slow_generator")}
 
 
 def slow_generator(opt, run):

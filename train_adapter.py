@@ -62,14 +62,15 @@ FLAGS = dict(
     eval_scenes=(16, "held-out scenes measured"),
     num_workers=(1, "data processes per rank"),
     seed=(0, "seed of weights, data and noise"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(torch.cuda.is_available(), "torch.compile the training model (default on CUDA)"),
     resume=(False, "continue the run in out_dir"),
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(max_steps=1500),  # --config=small
            # --recipe=lab: docs/course.md, lab 3: a mask ControlNet from scratch in 10 minutes on one CPU thread
-           "lab": dict(init_from="none", batch_size=8, max_steps=450, lr=5e-4, sample_interval=150, eval_scenes=8,
-                       sample_steps=20, num_workers=0, out_dir="runs/lab_slow_adapter"),
+           "lab": dict(threads=1, init_from="none", batch_size=8, max_steps=450, lr=5e-4, sample_interval=150,
+                       eval_scenes=8, sample_steps=20, num_workers=0, out_dir="runs/lab_slow_adapter"),
            # --recipe=resnet: the paper's lightweight adapter on mask maps, from scratch on the box adapters' schedule
            "resnet": dict(adapter="resnet", init_from="none", max_steps=4000, lr=5e-4, warmup=100, sample_interval=500)}
 

@@ -85,6 +85,7 @@ FLAGS = dict(
     features=("checkpoints/video_encoder_<config>.pt", "FlashBench's feature network, for FID and FVD"),
     num_workers=(1, "data processes rendering clips"),
     seed=(0, "seed of weights and data"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(False, "torch.compile the autoencoder"),
     resume=(False, "continue the run in out_dir"),
 )

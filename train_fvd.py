@@ -96,6 +96,7 @@ FLAGS = dict(
     reference_clips=(2048, "real clips behind the stored reference statistics"),
     num_workers=(1, "data processes rendering clips"),
     seed=(0, "seed of weights and data"),
+    threads=(0, "CPU threads of this process; 0: every core (PyTorch's default)"),
     compile=(False, "torch.compile the encoder"),
     resume=(False, "continue the run in out_dir"),
 )

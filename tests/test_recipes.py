@@ -87,7 +87,7 @@ def test_small_config_switches_to_the_small_recipe_and_a_given_flag_wins():
 def test_the_lab_recipe_is_a_named_flag_set_and_a_given_flag_wins(script):
     lab = common.parse_flags(script.FLAGS, ["--recipe=lab"], script.__doc__, script.RECIPES)
     assert {key: getattr(lab, key) for key in script.RECIPES["lab"]} == script.RECIPES["lab"]
-    assert lab.out_dir.startswith("runs/lab_") and lab.num_workers == 0  # its own folder; one thread, no workers
+    assert lab.out_dir.startswith("runs/lab_") and lab.num_workers == 0 and lab.threads == 1  # one thread, no workers
     given = common.parse_flags(script.FLAGS, ["--max_steps=3", "--recipe=lab"], script.__doc__, script.RECIPES)
     assert given.max_steps == 3 and given.out_dir == lab.out_dir
     with pytest.raises(SystemExit, match="--recipe must be one of small, lab(, \\w+)?, got 'labs'"):

@@ -155,3 +155,17 @@ def test_a_bare_boolean_flag_means_true():
     assert parse("--name", "x", "--resume")["resume"] is True
     with pytest.raises(common.UserError, match="expected --key=value or --key value, got .--max_steps."):
         parse("--max_steps")
+
+
+def test_threads_sets_the_process_threads_and_zero_leaves_the_default(tmp_path):
+    from types import SimpleNamespace
+    before = torch.get_num_threads()
+    opt = lambda threads: SimpleNamespace(out_dir=str(tmp_path), resume=False, seed=0, stop_at=0, max_steps=1,
+                                          threads=threads)
+    try:
+        common.Run(opt(0), kind="slow_generator")
+        assert torch.get_num_threads() == before
+        common.Run(opt(1), kind="slow_generator")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
