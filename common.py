@@ -293,9 +293,13 @@ class Run:
         workers = self.opt.num_workers
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0))
 
-    def steps(self, desc):
+    def steps(self, desc, measure_start=None):
+        """Yield the 0-based index of each step to train. measure_start, a function
+        returning a record, is logged as step 0 before a fresh run's first step (rank 0)."""
         os.makedirs(self.opt.out_dir, exist_ok=True)
         self.log_file = open_log(self.opt.out_dir, self.step) if self.master else None
+        if self.master and self.step == 0 and measure_start is not None:
+            self.log_file.write(json.dumps({"step": 0, **measure_start()}) + "\n")
         self.bar = tqdm(total=self.end, initial=self.step, disable=not self.master, desc=desc, dynamic_ncols=True)
         self.last_time = time.time()
         limit = getattr(self.opt, "time_limit", 0)

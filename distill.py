@@ -237,7 +237,12 @@ def main(argv):
     batches = run.batches(data.SpriteWorld(**data.video_shape(opt.config), batch_size=opt.batch_size, seed=opt.seed,
                                            rank=run.rank, start=run.step))
     rng = torch.Generator(device=device)
-    for step in run.steps("stage 2 DMD"):
+
+    def measure_start():  # the student before DMD: the teacher through the 4-step sampler
+        fid = held_out_fid(ema_generator, opt, device)
+        print(f"step 0: held-out FID {fid} (4 steps, no trajectory)")
+        return {"held_out": {"fid": fid}}
+    for step in run.steps("stage 2 DMD", measure_start if opt.sample_interval else None):
         batch = next(batches)
         cond, uncond = conditions_of(batch, real_score, device)
         rng.manual_seed(noise_seed(opt.seed, run.rank, step))

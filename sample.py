@@ -167,16 +167,16 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
     return torch.cat(videos), seconds / len(scenes["video"])
 
 
-def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True):
+def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True, condition=DEFAULT_CONDITION):
     """What sample.py writes for a scene (a batch of one, data.collate's keys):
     the generated clip, 8x, its target boxes drawn over, beside the maps its
-    adapter read. Returns (uint8 frames (T, H, W, 3), seconds of generation,
+    adapter read (a method without one: the `condition` maps, unread). Returns (uint8 frames (T, H, W, 3), seconds of generation,
     the clip's trajectory accuracy (metrics.py) or None for a scene with a
     first frame of its own, whose objects have no colours to find)."""
     device = next(method.model.parameters()).device
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, steps, guidance, seed)
-    maps = method.model.trajectory(scene) if method.controlled else scene["box_maps"]
+    maps = method.model.trajectory(scene) if method.controlled else scene[CONDITIONS[condition]]
     clip = to_uint8(video[0])
     clip = draw_boxes(clip, scene["boxes"][0, :int(scene["n_objects"][0])].cpu().numpy(), 8) if boxes else \
         upscale(clip, 8)
@@ -227,7 +227,8 @@ def main(argv):
     set_threads(opt.threads)
     method = load_method(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, device,
                          files=own_files(opt))
-    frames, seconds, accuracy = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes)
+    frames, seconds, accuracy = sample_frames(method, scene, opt.steps, opt.guidance, opt.seed, opt.boxes,
+                                              opt.condition)
     save_video(out, frames)
     followed = "" if accuracy is None else \
         f"mask IoU {accuracy['miou']:.2f}, centre error {accuracy['center_err_px']:.1f} px to the scene's paths; "

@@ -74,7 +74,8 @@ def test_distillation_iterations_run_and_resume(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (straight / "samples" / "step_000004.gif").exists() and "held-out FID" in result.stdout + result.stderr
     log = [json.loads(line) for line in open(straight / "log.jsonl")]
-    assert log[-1]["held_out"]["fid"] > 0 and all("held_out" not in r for r in log[:-1])
+    assert log[0]["step"] == 0 and log[0]["held_out"]["fid"] > 0  # the student before DMD: lab 4's iteration 0
+    assert log[-1]["held_out"]["fid"] > 0 and all("held_out" not in r for r in log[1:-1])
     assert run_distill(teacher, "--max_steps=4", "--stop_at=2", "--sample_interval=0",
                        f"--out_dir={interrupted}").returncode == 0
     assert run_distill(teacher, "--max_steps=4", "--sample_interval=0", "--resume=true",
