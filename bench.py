@@ -25,7 +25,6 @@ import data
 import degrade
 import fvd
 import metrics
-from adapter import DEFAULT_CONDITION
 from common import UserError, check_writable, parse_flags, require_at_least, set_threads
 from sample import ROLE_FLAGS, available_methods, check_family, check_method, generate_clips, load_method, own_files
 from scenes import scene_batch
@@ -40,8 +39,10 @@ DEFAULT_PAIRS = [("naive", "teacher"), ("flashmotion", "naive"), ("diffusion-onl
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),
     methods=("", "comma-separated; default every method whose checkpoints exist"),
-    adapter=("controlnet", "controlnet | lora | resnet: which adapter family the methods use"),
-    condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read (box maps: the paper's final condition)"),
+    adapter=("", "controlnet | lora | resnet: which adapter family the methods use; default: an adapter run's "
+                 "(--slow_adapter=...), else controlnet"),
+    condition=("", "mask | box: the maps the adapters read (box maps: the paper's final condition); default: an "
+                   "adapter run's, else mask"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     scenes_per_count=(8, "held-out scenes per object count 1..6"),
     free=(0, "free objects added to each held-out scene (as many as fit in 6): no map shows them, no IoU scores them"),
@@ -247,13 +248,14 @@ def main(argv):
         scenes = benchmark_scenes(opt.config, opt.scenes_per_count, free=opt.free)
 
     pairs = pairs_of(opt, names)
-    results, clips, per_scene = {}, {}, {}
+    results, clips, per_scene, labels = {}, {}, {}, {}  # by label: a method with a run's own checkpoint names it
     for name in names:
         method = load_method(name, opt.config, opt.adapter, opt.condition, opt.checkpoints,
                              teacher_steps=opt.teacher_steps, files=own_files(opt))
-        results[name], clips[name], per_scene[name] = measure(method, scenes, encoder, references, opt)
-        r = results[name]
-        print(f"{name}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "
+        label = labels[name] = method.label
+        results[label], clips[label], per_scene[label] = measure(method, scenes, encoder, references, opt)
+        r = results[label]
+        print(f"{label}: FID {r['fid']:.2f}, FVD {r['fvd']:.2f}, mask IoU {r['miou']:.3f}, box IoU {r['box_iou']:.3f}, "
               f"{r['ms_per_video']:.0f} ms/video", file=sys.stderr)
     # The floor: as many real clips as a method has, from other scenes of the same object counts.
     floor = (data.SpriteWorld(**data.video_shape(opt.config), batch_size=2 * len(scenes["video"]),
@@ -264,7 +266,7 @@ def main(argv):
             **metrics.quality(scenes["video"], scenes["video"]), "ssim": 1.0}
     del real["psnr"]  # infinite against itself
     print_tables(results, real)
-    differences = paired_differences(pairs, per_scene, references)
+    differences = paired_differences([(labels[a], labels[b]) for a, b in pairs], per_scene, references)
     if differences:
         keys = ["miou", "box_iou", "fid", "fvd"]
         print("\nPaired differences (a − b, same scenes and noise), 95% intervals:\n")

@@ -40,7 +40,6 @@ import numpy as np
 
 import data
 import scenes
-from adapter import DEFAULT_CONDITION
 from common import UserError, parse_flags, set_threads
 from sample import METHODS, ROLE_FLAGS, available_methods, check_family, load_method, own_files, sample_frames
 from video import gif_bytes, to_uint8
@@ -50,8 +49,8 @@ FLAGS = dict(
     host=("127.0.0.1", "the address to bind; 127.0.0.1 serves this machine only"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
     config=("tiny", "micro | tiny | small: which checkpoints"),
-    adapter=("controlnet", "controlnet | lora | resnet: the adapter family"),
-    condition=(DEFAULT_CONDITION, "mask | box: the maps the adapters read"),
+    adapter=("", "controlnet | lora | resnet: the adapter family; default: an adapter run's, else controlnet"),
+    condition=("", "mask | box: the maps the adapters read; default: an adapter run's, else mask"),
     threads=(0, "CPU threads; 0: half the cores (common.set_threads)"),
     **ROLE_FLAGS,
 )

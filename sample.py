@@ -72,6 +72,12 @@ class Method:
     sampler: str       # "euler" (model.generate, with guidance) or "few-step" (model.fast_generate)
     steps: int
     shift: float = None  # few-step: the timestep shift its fast generator was distilled with (its checkpoint's)
+    runs: tuple = ()     # the runs of its own checkpoints (--<role>=...), by name (run_name)
+
+    @property
+    def label(self):
+        """Its name in what is printed and written: 'naive (lab_slow_adapter)' for a run's own checkpoint."""
+        return f"{self.name} ({', '.join(self.runs)})" if self.runs else self.name
 
     @property
     def controlled(self):
@@ -83,10 +89,28 @@ class Method:
 
 
 def check_family(opt):
-    """The flags that pick a set of checkpoints: --config, --adapter, --condition."""
+    """The flags that pick a set of checkpoints: --config, --adapter, --condition. An
+    adapter run given (--slow_adapter=, --fast_adapter=) says which adapter and maps
+    themselves; a flag that says otherwise is refused."""
     require_one_of(opt, "config", CONFIGS)
+    for role in ("slow_adapter", "fast_adapter"):
+        if getattr(opt, role):
+            ckpt = load_checkpoint(getattr(opt, role), kind=role)
+            for flag, value in (("adapter", ckpt["adapter_config"]["type"]), ("condition", ckpt["condition"])):
+                if getattr(opt, flag) not in ("", value):
+                    raise UserError(f"--{role}={getattr(opt, role)} is a {value} adapter's run "
+                                    f"({flag}), not --{flag}={getattr(opt, flag)}'s")
+                setattr(opt, flag, value)
+    opt.adapter, opt.condition = opt.adapter or "controlnet", opt.condition or DEFAULT_CONDITION
     require_one_of(opt, "adapter", ADAPTERS)
     require_one_of(opt, "condition", CONDITIONS)
+
+
+def run_name(path):
+    """A checkpoint's name in outputs: its run folder's (runs/lab_fast_adapter/ckpt.pt: lab_fast_adapter),
+    or its file's."""
+    folder, file = os.path.split(os.path.normpath(path))
+    return os.path.basename(folder) if file == "ckpt.pt" else os.path.splitext(file)[0]
 
 
 def check_method(name):
@@ -138,7 +162,8 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
         raise UserError(f"{paths[-1]} holds an adapter reading {model.adapter.condition} maps, "
                         f"not the {condition} maps its name promises")
     shift = generator_ckpt["time_shift"] if sampler == "few-step" else None
-    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps, shift)
+    runs = tuple(run_name(path) for path in paths if path in (files or {}).values())
+    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps, shift, runs)
 
 
 @torch.no_grad()
@@ -170,9 +195,10 @@ def generate_clips(method, scenes, steps=None, guidance=1.0, seed=0, batch_size=
 def sample_frames(method, scene, steps=None, guidance=3.0, seed=0, boxes=True, condition=DEFAULT_CONDITION):
     """What sample.py writes for a scene (a batch of one, data.collate's keys):
     the generated clip, 8x, its target boxes drawn over, beside the maps its
-    adapter read (a method without one: the `condition` maps, unread). Returns (uint8 frames (T, H, W, 3), seconds of generation,
-    the clip's trajectory accuracy (metrics.py) or None for a scene with a
-    first frame of its own, whose objects have no colours to find)."""
+    adapter read (a method without one: the `condition` maps, unread).
+    Returns (uint8 frames (T, H, W, 3), seconds of generation, the clip's
+    trajectory accuracy (metrics.py) or None for a scene with a first frame
+    of its own, whose objects have no colours to find)."""
     device = next(method.model.parameters()).device
     scene = {key: value.to(device) for key, value in scene.items()}
     video, seconds = generate_clips(method, scene, steps, guidance, seed)
@@ -193,8 +219,10 @@ FLAGS = dict(
     scene=("scenes/default.json", "the scene file (scenes.py)"),
     seed=(0, "seed of the noise: the same seed gives the same video"),
     out=("", "the video, .gif or .mp4; default samples/<method>_<scene>[_<adapter>][_<condition>].gif"),
-    adapter=("controlnet", "controlnet | lora | resnet: the adapter family"),
-    condition=(DEFAULT_CONDITION, "mask | box: the maps its adapter reads (box maps: the paper's final condition)"),
+    adapter=("", "controlnet | lora | resnet: the adapter family; default: an adapter run's (--slow_adapter=...), "
+                 "else controlnet"),
+    condition=("", "mask | box: the maps its adapter reads (box maps: the paper's final condition); default: an "
+                   "adapter run's, else mask"),
     guidance=(3.0, "trajectory guidance (CFG) of the Euler methods, as bench.py"),
     config=("tiny", "micro | tiny | small: which checkpoints"),
     checkpoints=("checkpoints", "the folder of the checkpoints"),
@@ -206,11 +234,17 @@ FLAGS = dict(
 
 
 def default_out(opt):
-    """samples/<method>_<scene>.gif, with the adapter family and the maps where they are not the defaults."""
+    """samples/<method>_<scene>.gif, with whatever is not the default: the adapter family, the maps,
+    the runs of one's own checkpoints, the seed, steps and guidance; two different clips, two files."""
     name = os.path.splitext(os.path.basename(opt.scene))[0]
     family = [value for value, default in ((opt.adapter, "controlnet"), (opt.condition, DEFAULT_CONDITION))
               if value != default]
-    return os.path.join("samples", "_".join([opt.method, name, *family]) + ".gif")
+    paths = checkpoint_paths(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, own_files(opt))
+    runs = [run_name(path) for path in paths if path in own_files(opt).values()]
+    settings = [("seed", opt.seed, 0), ("steps", opt.steps, None)]
+    settings += [("guidance", opt.guidance, 3.0)] if METHODS[opt.method][2] == "euler" else []
+    settings = [f"{key}{value:g}" for key, value, default in settings if value != default]
+    return os.path.join("samples", "_".join([opt.method, name, *family, *runs, *settings]) + ".gif")
 
 
 def main(argv):
@@ -232,7 +266,7 @@ def main(argv):
     save_video(out, frames)
     followed = "" if accuracy is None else \
         f"mask IoU {accuracy['miou']:.2f}, centre error {accuracy['center_err_px']:.1f} px to the scene's paths; "
-    print(f"{opt.method}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
+    print(f"{method.label}, {opt.steps or method.steps} steps, seed {opt.seed}: {seconds:.2f} s on {device}; "
           f"{followed}wrote {out}")
 
 

@@ -4,11 +4,13 @@ import sys
 
 import imageio.v3 as iio
 import numpy as np
+import torch
 
 import common
 import degrade
 import fvd
-from model import config_dict
+from adapter import build_adapter
+from model import config_dict, model_from_checkpoint
 from test_adapter import adapter_checkpoint, generator_checkpoint, micro_generator
 from test_hybrid import trained_looking_adapter
 
@@ -139,3 +141,27 @@ def test_free_objects_are_reported_by_controlled_and_free_counts(tmp_path):
     assert list(saved["by_objects"]) == ["1+2", "2+2", "3+2", "4+2", "5+1", "6+0"]
     result = bench(f"--checkpoints={tmp_path}", "--free=1", "--scenes=scenes/")
     assert result.returncode == 1 and "--free" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_lora_run_is_benched_by_its_path_alone_and_named(tmp_path):
+    """The run says which adapter and maps it is: no --adapter=lora; its rows carry the run's name;
+    a flag that says otherwise is one line."""
+    micro_checkpoints(tmp_path)
+    slow = common.load_checkpoint(tmp_path / "slow_generator_micro.pt")
+    generator = model_from_checkpoint(slow)
+    torch.manual_seed(0)
+    lora = build_adapter("lora", generator, "box")
+    for p in lora.lora_b:
+        torch.nn.init.normal_(p, std=0.05)
+    run = tmp_path / "runs" / "my_lora"
+    run.mkdir(parents=True)
+    adapter_checkpoint(run / "ckpt.pt", lora, generator, "slow-run")
+    result = bench(f"--checkpoints={tmp_path}", f"--slow_adapter={run / 'ckpt.pt'}", "--methods=teacher,naive",
+                   "--pairs=naive:teacher", f"--json={tmp_path / 'r.json'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| teacher (my_lora) |" in result.stdout and "| naive (my_lora) − teacher (my_lora) |" in result.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["methods"]) == ["teacher (my_lora)", "naive (my_lora)"]
+    assert saved["settings"]["adapter"] == "lora" and saved["settings"]["condition"] == "box"
+    wrong = bench(f"--checkpoints={tmp_path}", f"--slow_adapter={run / 'ckpt.pt'}", "--adapter=controlnet")
+    assert wrong.returncode == 1 and "is a lora adapter's run" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -49,10 +49,17 @@ def test_bad_scene_is_refused_naming_the_field(micro_folder):
     assert not (micro_folder / "out.gif").exists()
 
 
-def test_each_family_writes_its_own_file_by_default():
+def default_out(*argv):
+    """Where sample.py writes by default for these flags."""
     import sample
     from common import parse_flags
-    out = lambda *argv: sample.default_out(parse_flags(sample.FLAGS, list(argv), ""))
+    opt = parse_flags(sample.FLAGS, list(argv), "")
+    sample.check_family(opt)
+    return sample.default_out(opt)
+
+
+def test_each_family_writes_its_own_file_by_default():
+    out = default_out
     assert out() == "samples/flashmotion_default.gif"
     assert len({out(), out("--condition=box"), out("--adapter=lora"), out("--adapter=lora", "--condition=box")}) == 4
 
@@ -78,3 +85,21 @@ def test_a_runs_own_checkpoint_stands_in_for_the_folders_and_a_wrong_pairing_is_
                    f"--fast_adapter={run / 'stranger.pt'}", "--out", str(micro_folder / "wrong.gif"))
     assert wrong.returncode == 1 and "other-run" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
     assert not (micro_folder / "wrong.gif").exists()
+
+
+def test_default_outputs_name_the_run_and_what_is_not_the_default(micro_folder):
+    import common
+    run = micro_folder / "runs" / "lab_slow_adapter"
+    run.mkdir(parents=True)
+    shipped = micro_folder / "slow_adapter_controlnet_mask_micro.pt"
+    common.save_checkpoint(run / "ckpt.pt", common.load_checkpoint(shipped))
+    out = lambda *args: default_out("--config=micro", f"--checkpoints={micro_folder}", "--scene=scenes/crossing.json",
+                                    *args)
+    assert out() == "samples/flashmotion_crossing.gif"
+    mine = f"--slow_adapter={run / 'ckpt.pt'}"
+    assert out("--method=naive", mine) == "samples/naive_crossing_lab_slow_adapter.gif"
+    assert out("--method=fast-generator", mine) == "samples/fast-generator_crossing.gif"  # the run is not read
+    # Lab 3's two guidance runs: two files.
+    assert out("--method=teacher", mine, "--guidance=1") == "samples/teacher_crossing_lab_slow_adapter_guidance1.gif"
+    assert out("--method=teacher", mine) == "samples/teacher_crossing_lab_slow_adapter.gif"
+    assert out("--seed=2", "--method=naive") == "samples/naive_crossing_seed2.gif"
