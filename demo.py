@@ -72,6 +72,7 @@ class Demo:
     clip is computed at a time; the progress of the clip being made."""
 
     def __init__(self, opt):
+        check_family(opt)  # an adapter run given names its adapter and maps
         self.opt = opt
         shape = data.video_shape(opt.config)
         self.size, self.frames = shape["size"], shape["frames"]
@@ -102,7 +103,7 @@ class Demo:
     def generate(self, body):
         """The GIF sample.py writes for the request, and its seconds of generation."""
         name, seed, boxes = body.get("method", "flashmotion"), seed_of(body), body.get("boxes", True)
-        if name not in METHODS:
+        if not isinstance(name, str) or name not in METHODS:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown method '{name}' (known: {', '.join(METHODS)})")
         if name not in self.methods:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"method '{name}' has no checkpoints here (available: "
@@ -242,7 +243,6 @@ def serve(opt):
 
 def main(argv):
     opt = parse_flags(FLAGS, argv, __doc__)
-    check_family(opt)
     threads = set_threads(opt.threads)
     try:
         server = serve(opt)
