@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 import data
 from autoencoder import conv_block
-from common import load_checkpoint
+from common import UserError, load_checkpoint
 from metrics import bootstrap_draws, percentile_interval
 
 N_COLORS = len(data.OBJECT_COLORS)
-N_SHAPES = len(data.SHAPES)
+N_SHAPES = len(data.RANDOM_SHAPES)  # the shapes of the world's random scenes, not every scene file's
 PIXEL_CLASSES = (1 + N_COLORS) + (1 + N_SHAPES)  # each pixel: background or a colour; background or a shape
 
 
@@ -201,7 +201,12 @@ def load_encoder(path):
     frame Reference for FID, clip Reference for FVD)."""
     ckpt = load_checkpoint(path, kind="video_encoder")
     encoder = VideoEncoder(**ckpt["config"])
-    encoder.load_state_dict(ckpt["encoder"])
+    try:
+        encoder.load_state_dict(ckpt["encoder"])
+    except RuntimeError:  # its heads' sizes: another world's colours or shapes
+        raise UserError(f"{path} was trained on a world of other colours or shapes than data.OBJECT_COLORS "
+                        f"({N_COLORS}) and data.RANDOM_SHAPES ({N_SHAPES}): retrain it (python train_fvd.py), "
+                        f"or add shapes for scene files only, after the first five of data.SHAPES") from None
     return encoder.eval(), Reference(*ckpt["frame_reference"]), Reference(*ckpt["clip_reference"])
 
 

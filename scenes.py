@@ -14,12 +14,15 @@ your own first frame ("first_frame": "img.png", or the PNG itself as a data
 URL) and per object per-frame "boxes". A scene that is wrong anywhere is
 refused with every wrong field named; nothing is generated from a half-read
 scene.
+
+    python scenes.py --scene=my_scene.json     # previews/my_scene.gif: the scene as drawn, its maps; no model
 """
 
 import base64
 import binascii
 import json
 import os
+import sys
 
 import imageio.v3 as iio
 import numpy as np
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
-from common import UserError
+from common import UserError, parse_flags
+from video import check_video_path, save_video, video_grid
 
 PNG_DATA_URL = "data:image/png;base64,"
 MAX_IMAGE_SIDE = 1024  # pixels: a first frame is read only up to this size (it is shrunk to the clip's)
@@ -311,3 +315,20 @@ def load_clip(path, frames, size):
     rendered.video = rearrange(video.clamp(0, 1).numpy(), "t c h w -> t h w c")
     rendered.has_video = True
     return rendered
+
+
+# ------------------------------------------------------------------ preview --
+
+FLAGS = dict(
+    scene=("scenes/default.json", "the scene file to preview"),
+    out=("", "the preview, .gif or .mp4; default previews/<scene>.gif"),
+)
+
+if __name__ == "__main__":
+    opt = parse_flags(FLAGS, sys.argv[1:], __doc__)
+    out = opt.out or os.path.join("previews", os.path.splitext(os.path.basename(opt.scene))[0] + ".gif")
+    check_video_path(out)
+    scene = load_scene(opt.scene)
+    sample = data.to_sample(data.render(scene), scene.size)
+    save_video(out, video_grid([data.preview_sample(sample)], labels=["scene, target boxes", "box maps", "mask maps"]))
+    print(f"wrote {out}: {opt.scene} as drawn (target boxes over it), its box maps and mask maps")

@@ -25,7 +25,7 @@ from model import CLIP_SHAPES
 
 class LabelledWorld(data.SpriteWorld):
     """The sprite world with what the network learns to say about each object:
-    its shape (index into data.SHAPES; -1 for an empty slot) and exact centre
+    its shape (index into data.RANDOM_SHAPES; -1 for an empty slot) and exact centre
     per frame."""
 
     def sample(self, rng):
@@ -33,7 +33,7 @@ class LabelledWorld(data.SpriteWorld):
         shapes = torch.full((data.MAX_OBJECTS,), -1)
         centers = torch.zeros(data.MAX_OBJECTS, self.frames, 2)
         for k, obj in enumerate(scene.objects):
-            shapes[k] = data.SHAPES.index(obj.shape)
+            shapes[k] = data.RANDOM_SHAPES.index(obj.shape)
             centers[k] = torch.from_numpy(obj.centers).float()
         return {**data.to_sample(data.render(scene), self.size), "shapes": shapes, "centers": centers}
 
@@ -41,7 +41,7 @@ class LabelledWorld(data.SpriteWorld):
 def targets(batch, size):
     """A LabelledWorld batch as the heads' targets: each pixel's colour class
     (0 background, 1 + palette index) and shape class (0 background, 1 + index
-    into data.SHAPES), (B, T, H, W) each; and the step of its object's centre
+    into data.RANDOM_SHAPES), (B, T, H, W) each; and the step of its object's centre
     since the last frame in pixels (B, T, 2, H, W; zero off objects and in
     frame 0)."""
     B, K, T = batch["boxes"].shape[:3]
