@@ -39,6 +39,7 @@ from metrics import bootstrap_draws, percentile_interval
 
 N_COLORS = len(data.OBJECT_COLORS)
 N_SHAPES = len(data.RANDOM_SHAPES)  # the shapes of the world's random scenes, not every scene file's
+FIRST_SHAPES = ("circle", "square", "triangle", "diamond", "cross")  # of a network saved before they were named
 PIXEL_CLASSES = (1 + N_COLORS) + (1 + N_SHAPES)  # each pixel: background or a colour; background or a shape
 
 
@@ -200,13 +201,17 @@ def load_encoder(path):
     """The trained network and the real statistics stored with it: (encoder,
     frame Reference for FID, clip Reference for FVD)."""
     ckpt = load_checkpoint(path, kind="video_encoder")
+    shapes = tuple(ckpt.get("shapes", FIRST_SHAPES))
+    if shapes != data.RANDOM_SHAPES:
+        raise UserError(f"{path} was trained on a world of the shapes {', '.join(shapes)}; data.RANDOM_SHAPES "
+                        f"draws {', '.join(data.RANDOM_SHAPES)}: retrain it (python train_fvd.py), or add shapes "
+                        f"for scene files only, after the first five of data.SHAPES")
     encoder = VideoEncoder(**ckpt["config"])
     try:
         encoder.load_state_dict(ckpt["encoder"])
-    except RuntimeError:  # its heads' sizes: another world's colours or shapes
-        raise UserError(f"{path} was trained on a world of other colours or shapes than data.OBJECT_COLORS "
-                        f"({N_COLORS}) and data.RANDOM_SHAPES ({N_SHAPES}): retrain it (python train_fvd.py), "
-                        f"or add shapes for scene files only, after the first five of data.SHAPES") from None
+    except RuntimeError:  # its heads' sizes: another world's colours
+        raise UserError(f"{path} was trained on a world of other colours than data.OBJECT_COLORS' "
+                        f"{N_COLORS}: retrain it (python train_fvd.py)") from None
     return encoder.eval(), Reference(*ckpt["frame_reference"]), Reference(*ckpt["clip_reference"])
 
 

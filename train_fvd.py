@@ -146,7 +146,8 @@ def main(argv):
     # Real statistics from a seed neither training nor the benchmark uses.
     frame_reference, clip_reference = reference_statistics(encoder, opt.config, opt.reference_clips,
                                                            seed=opt.seed + 29)
-    save(frame_reference=frame_reference, clip_reference=clip_reference, reference_clips=opt.reference_clips)
+    save(frame_reference=frame_reference, clip_reference=clip_reference, reference_clips=opt.reference_clips,
+         shapes=list(data.RANDOM_SHAPES))  # the shapes its heads tell apart, checked where it is loaded
     if opt.export:
         export_checkpoint(run.path, opt.export)
         print(f"exported to {opt.export}")

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import common
+import data
 import degrade
 import fvd
 from adapter import build_adapter
@@ -32,7 +33,7 @@ def encoder_checkpoint(path):
     frame_reference, clip_reference = fvd.reference_statistics(encoder, "micro", 16, seed=1)
     common.save_checkpoint(path, {
         "kind": "video_encoder", "config": encoder.config(), "encoder": encoder.state_dict(),
-        "frame_reference": frame_reference, "clip_reference": clip_reference})
+        "frame_reference": frame_reference, "clip_reference": clip_reference, "shapes": list(data.RANDOM_SHAPES)})
 
 
 def bench(*args):

@@ -232,3 +232,39 @@ def test_a_scene_file_marks_its_free_objects():
         scenes.scene_to_json(scene)["objects"][0]
     with pytest.raises(UserError, match=r"'objects\[1\]\.free': must be true or false"):
         scenes.parse_scene({**spec, "objects": [spec["objects"][0], {**spec["objects"][1], "free": "yes"}]})
+
+
+def test_a_shape_added_for_scene_files_leaves_the_world_and_flashbench_as_they_were(monkeypatch, tmp_path):
+    """The course's exercise: a "ring" added at the end of data.SHAPES with its mask rule."""
+    import bench
+    import fvd
+    from test_bench import encoder_checkpoint
+    held_out = bench.benchmark_scenes("micro", 1)
+    encoder_checkpoint(tmp_path / "encoder.pt")
+    drawn = data.shape_mask
+    ring = lambda shape, size, centers, image_size: drawn("circle", size, centers, image_size) & \
+        ~drawn("circle", size / 2, centers, image_size) if shape == "ring" else drawn(shape, size, centers, image_size)
+    monkeypatch.setattr(data, "SHAPES", data.SHAPES + ("ring",))
+    monkeypatch.setattr(data, "shape_mask", ring)
+    scene = scenes.parse_scene(scene_spec(objects=[{"shape": "ring", "color": [230, 40, 40], "size": 12,
+                                                    "path": [[8, 8], [24, 8]]}]))
+    masks = data.render(scene).masks[0]  # (T, H, W): a ring, its middle empty
+    assert masks[0].sum() > 0 and not masks[0, 8, 8]
+    after = bench.benchmark_scenes("micro", 1)
+    assert all(torch.equal(held_out[key], after[key]) for key in held_out)  # the same held-out scenes
+    fvd.load_encoder(tmp_path / "encoder.pt")  # FlashBench's network still loads
+    # The world itself drawing the ring would not fit that network: one line names why.
+    monkeypatch.setattr(data, "RANDOM_SHAPES", data.SHAPES[1:])
+    with pytest.raises(UserError, match="trained on a world of the shapes circle, square.*draws square.*ring"):
+        fvd.load_encoder(tmp_path / "encoder.pt")
+
+
+def test_scenes_py_previews_a_scene_file_without_a_model(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(scene_spec()))
+    result = subprocess.run([sys.executable, "scenes.py", f"--scene={tmp_path / 's.json'}",
+                             f"--out={tmp_path / 'p.gif'}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert iio.imread(tmp_path / "p.gif", index=None).shape[0] == 5  # every frame of the scene
+    bad = subprocess.run([sys.executable, "scenes.py", f"--scene={tmp_path / 'none.json'}"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "file not found" in bad.stderr and "Traceback" not in bad.stderr
