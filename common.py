@@ -130,12 +130,13 @@ def require_one_of(opt, key, choices):
         raise UserError(f"--{key} must be one of {', '.join(choices)}, got '{getattr(opt, key)}'")
 
 
-def require_indices(opt, key, limit):
-    """A flag of comma-separated indices in 0..limit-1 (blocks, steps), as a list."""
+def require_indices(opt, key, limit=None):
+    """A flag of comma-separated indices in 0..limit-1 (blocks, steps; any whole numbers without a limit), as a list."""
     text = getattr(opt, key)
     items = [int(i) for i in text.split(",") if i.isdigit()]
-    if len(items) != len(text.split(",")) or any(i >= limit for i in items):
-        raise UserError(f"--{key} must be comma-separated numbers in 0..{limit - 1}, got '{text}'")
+    if len(items) != len(text.split(",")) or limit is not None and any(i >= limit for i in items):
+        allowed = "whole numbers" if limit is None else f"numbers in 0..{limit - 1}"
+        raise UserError(f"--{key} must be comma-separated {allowed}, got '{text}'")
     return items
 
 

@@ -281,7 +281,7 @@ def check_flags(opt):
     opt.out_dir = opt.out_dir or f"runs/fast_adapter_{opt.loss}_{opt.config}"
     return (require_indices(opt, "disc_blocks", CONFIGS[opt.config].depth),
             require_indices(opt, "adv_steps", len(FAST_TIMES)),
-            require_indices(opt, "eval_steps", opt.max_steps + 1) if opt.eval_steps else [])
+            require_indices(opt, "eval_steps") if opt.eval_steps else [])
 
 
 def networks(opt, run, blocks):

@@ -169,8 +169,8 @@ def test_the_schedule_rate_and_the_early_measurements_are_flags(tmp_path):
     assert [r["lambda"] for r in log] == [round(1 / (40 * s / 4 + 0.1), 4) for s in range(4)]
     assert ["held_out" in r for r in log] == [True, True, False, False]
     bad = subprocess.run([sys.executable, "hybrid_finetune.py", *MICRO_STAGE3, *paths, "--max_steps=4",
-                          "--eval_steps=9", f"--out_dir={tmp_path / 'bad'}"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "--eval_steps must be comma-separated numbers in 0..4" in bad.stderr
+                          "--eval_steps=9,ten", f"--out_dir={tmp_path / 'bad'}"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--eval_steps must be comma-separated whole numbers, got '9,ten'" in bad.stderr
 
 
 def test_two_process_ddp_hybrid_keeps_ranks_in_sync(tmp_path):
