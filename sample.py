@@ -241,7 +241,8 @@ def default_out(opt):
               if value != default]
     paths = checkpoint_paths(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, own_files(opt))
     runs = [run_name(path) for path in paths if path in own_files(opt).values()]
-    settings = [("seed", opt.seed, 0), ("steps", opt.steps, None)]
+    own_steps = METHODS[opt.method][3] or TEACHER_STEPS
+    settings = [("seed", opt.seed, 0), ("steps", opt.steps or own_steps, own_steps)]
     settings += [("guidance", opt.guidance, 3.0)] if METHODS[opt.method][2] == "euler" else []
     settings = [f"{key}{value:g}" for key, value, default in settings if value != default]
     return os.path.join("samples", "_".join([opt.method, name, *family, *runs, *settings]) + ".gif")

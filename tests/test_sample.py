@@ -103,3 +103,4 @@ def test_default_outputs_name_the_run_and_what_is_not_the_default(micro_folder):
     assert out("--method=teacher", mine, "--guidance=1") == "samples/teacher_crossing_lab_slow_adapter_guidance1.gif"
     assert out("--method=teacher", mine) == "samples/teacher_crossing_lab_slow_adapter.gif"
     assert out("--seed=2", "--method=naive") == "samples/naive_crossing_seed2.gif"
+    assert out("--steps=4") == out() and out("--method=teacher", "--steps=20") == "samples/teacher_crossing_steps20.gif"
