@@ -198,6 +198,8 @@ def test_a_path_drawn_with_the_mouse_moves_the_object_along_it(server, tmp_path)
         driver.find_element(By.ID, "go").click()
         WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.demo.clips") == 1)
         scene = driver.execute_script("return window.demo.lastScene")
+        print("flashmotion: %.2f s from the click to the clip, %.2f s generating (the page's own figures)" %
+              tuple(driver.execute_script("return [window.demo.clickToClip, window.demo.lastSeconds]")))
         gif = base64.b64decode(driver.execute_async_script(
             "const done = arguments[0], reader = new FileReader();"
             "reader.onload = () => done(reader.result.split(',')[1]); reader.readAsDataURL(window.demo.lastGif);"))
