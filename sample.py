@@ -43,7 +43,8 @@ from scenes import scene_batch
 from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
 
 # name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family
-# and {maps} the maps it reads: "_mask" for mask maps, "" for box maps (the paper's final condition).
+# and {maps} the maps it reads: "_mask" for mask maps, "" for box maps (the paper's final condition);
+# {joint} the family of a dmd-joint: "" for the ControlNet's, "_lora" or "_resnet" for the others'.
 # Steps None: the teacher's, 50 unless asked otherwise.
 METHODS = {
     "generator": ("slow_generator", None, "euler", None),
@@ -51,7 +52,7 @@ METHODS = {
     "teacher-4": ("slow_generator", "slow_adapter_{adapter}{maps}", "euler", 4),
     "fast-generator": ("fast_generator", None, "few-step", 4),
     "naive": ("fast_generator", "slow_adapter_{adapter}{maps}", "few-step", 4),
-    "dmd-joint": ("dmd_joint{maps}", None, "few-step", 4),
+    "dmd-joint": ("dmd_joint{joint}{maps}", None, "few-step", 4),
     "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}{maps}", "few-step", 4),
     "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}{maps}", "few-step", 4),
     "fixed-lambda": ("fast_generator", "fast_adapter_fixed_lambda_{adapter}{maps}", "few-step", 4),
@@ -123,7 +124,9 @@ def checkpoint_paths(name, config, adapter_kind, condition=DEFAULT_CONDITION, fo
     files {role: path} (ROLES) in place of the folder's."""
     generator, adapter, _, _ = METHODS[name]
     maps = "_mask" if condition == "mask" else ""
-    names = [generator.format(maps=maps)] + ([adapter.format(adapter=adapter_kind, maps=maps)] if adapter else [])
+    joint = "" if adapter_kind == "controlnet" else f"_{adapter_kind}"  # the ControlNet's dmd-joint: the shipped name
+    names = [generator.format(maps=maps, joint=joint)] + \
+        ([adapter.format(adapter=adapter_kind, maps=maps)] if adapter else [])
     role = lambda n: next(r for r in ROLES if n.startswith(r))
     return [(files or {}).get(role(n)) or os.path.join(folder, f"{n}_{config}.pt") for n in names]
 
