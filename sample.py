@@ -73,7 +73,7 @@ class Method:
     sampler: str       # "euler" (model.generate, with guidance) or "few-step" (model.fast_generate)
     steps: int
     shift: float = None  # few-step: the timestep shift its fast generator was distilled with (its checkpoint's)
-    runs: tuple = ()     # the runs of its own checkpoints (--<role>=...), by name (run_name)
+    runs: tuple = ()     # the runs of its own checkpoints (--<role>=...), by name (own_runs)
 
     @property
     def label(self):
@@ -107,11 +107,13 @@ def check_family(opt):
     require_one_of(opt, "condition", CONDITIONS)
 
 
-def run_name(path):
-    """A checkpoint's name in outputs: its run folder's (runs/lab_fast_adapter/ckpt.pt: lab_fast_adapter),
-    or its file's."""
-    folder, file = os.path.split(os.path.normpath(path))
-    return os.path.basename(folder) if file == "ckpt.pt" else os.path.splitext(file)[0]
+def own_runs(paths, files):
+    """The names in outputs of those of a method's checkpoint paths that are one's own (files, by role):
+    a run folder's (runs/lab_fast_adapter/ckpt.pt: lab_fast_adapter), or an exported file's."""
+    def run_name(path):
+        folder, file = os.path.split(os.path.normpath(path))
+        return os.path.basename(folder) if file == "ckpt.pt" else os.path.splitext(file)[0]
+    return tuple(run_name(path) for path in paths if path in (files or {}).values())
 
 
 def check_method(name):
@@ -165,8 +167,7 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
         raise UserError(f"{paths[-1]} holds an adapter reading {model.adapter.condition} maps, "
                         f"not the {condition} maps its name promises")
     shift = generator_ckpt["time_shift"] if sampler == "few-step" else None
-    runs = tuple(run_name(path) for path in paths if path in (files or {}).values())
-    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps, shift, runs)
+    return Method(name, model.to(device).eval(), sampler, steps or teacher_steps, shift, own_runs(paths, files))
 
 
 @torch.no_grad()
@@ -242,8 +243,8 @@ def default_out(opt):
     name = os.path.splitext(os.path.basename(opt.scene))[0]
     family = [value for value, default in ((opt.adapter, "controlnet"), (opt.condition, DEFAULT_CONDITION))
               if value != default]
-    paths = checkpoint_paths(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, own_files(opt))
-    runs = [run_name(path) for path in paths if path in own_files(opt).values()]
+    files = own_files(opt)
+    runs = own_runs(checkpoint_paths(opt.method, opt.config, opt.adapter, opt.condition, opt.checkpoints, files), files)
     own_steps = METHODS[opt.method][3] or TEACHER_STEPS
     settings = [("seed", opt.seed, 0), ("steps", opt.steps or own_steps, own_steps)]
     settings += [("guidance", opt.guidance, 3.0)] if METHODS[opt.method][2] == "euler" else []
