@@ -234,8 +234,9 @@ def adapter_from_checkpoint(ckpt, generator, generator_ckpt, use_ema=True, allow
 
 
 def joint_from_checkpoint(ckpt):
-    """The dmd-joint baseline (distill.py --recipe=dmd_joint): generator and
-    adapter distilled together, saved as one Controlled state dict."""
+    """A jointly distilled pair, the paper's baselines (dmd-joint: distill.py
+    --recipe=dmd_joint; lcm: consistency.py): generator and adapter distilled
+    together, saved as one Controlled state dict."""
     prefix = "generator."
     generator_weights = {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
     generator = model_from_checkpoint(ckpt | {"ema": generator_weights})

@@ -34,7 +34,7 @@ from video import check_video_path, comparison_video, save_video
 DEFAULT_PAIRS = [("naive", "teacher"), ("flashmotion", "naive"), ("diffusion-only", "naive"),
                  ("flashmotion", "diffusion-only"), ("adversarial-only", "diffusion-only"),
                  ("flashmotion", "adversarial-only"), ("flashmotion", "fixed-lambda"), ("flashmotion", "dmd-joint"),
-                 ("flashmotion", "teacher")]
+                 ("flashmotion", "lcm"), ("lcm", "dmd-joint"), ("flashmotion", "teacher")]
 
 FLAGS = dict(
     config=("tiny", "micro | tiny | small: which checkpoints"),

@@ -171,7 +171,7 @@ def check_new_file(path):
 # The command that makes each shipped checkpoint (by file-name prefix), for error messages.
 MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_adapter.py",
            "fast_generator": "python distill.py",
-           "dmd_joint": "python distill.py --recipe=dmd_joint",
+           "dmd_joint": "python distill.py --recipe=dmd_joint", "lcm_joint": "python consistency.py",
            "fast_adapter": "python hybrid_finetune.py", "video_encoder": "python train_fvd.py",
            "autoencoder": "python train_autoencoder.py"}
 

@@ -58,5 +58,7 @@ for maps in _mask ""; do  # mask maps, then box maps (the paper's final conditio
     done
   done
 done
+# the paper's LCM baseline: the default family's slow pair, by consistency distillation
+stage lcm_joint_mask consistency.py
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"
 python bench.py --config="$config" --condition=box --json="runs/bench_box_$config.json"

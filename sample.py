@@ -20,6 +20,7 @@ Methods, each a (generator, adapter, sampler) triple:
   fast-generator    fast generator alone, 4 steps (no trajectory)
   naive             fast generator + slow adapter as is, 4 steps
   dmd-joint         generator + adapter distilled together with DMD, 4 steps
+  lcm               generator + adapter distilled together by consistency distillation (LCM), 4 steps
   diffusion-only    fast generator + adapter finetuned with the diffusion loss, 4 steps
   adversarial-only  fast generator + adapter finetuned with the adversarial loss, 4 steps
   fixed-lambda      fast generator + adapter finetuned with both losses, lambda = 1 throughout
@@ -44,7 +45,8 @@ from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_ui
 
 # name: (generator checkpoint, adapter checkpoint or None, sampler, steps); {adapter} is the adapter family
 # and {maps} the maps it reads: "_mask" for mask maps, "" for box maps (the paper's final condition);
-# {joint} the family of a dmd-joint: "" for the ControlNet's, "_lora" or "_resnet" for the others'.
+# {joint} the family of a jointly distilled pair (dmd-joint, lcm): "" for the ControlNet's, "_lora" or
+# "_resnet" for the others'.
 # Steps None: the teacher's, 50 unless asked otherwise.
 METHODS = {
     "generator": ("slow_generator", None, "euler", None),
@@ -53,6 +55,7 @@ METHODS = {
     "fast-generator": ("fast_generator", None, "few-step", 4),
     "naive": ("fast_generator", "slow_adapter_{adapter}{maps}", "few-step", 4),
     "dmd-joint": ("dmd_joint{joint}{maps}", None, "few-step", 4),
+    "lcm": ("lcm_joint{joint}{maps}", None, "few-step", 4),
     "diffusion-only": ("fast_generator", "fast_adapter_diffusion_{adapter}{maps}", "few-step", 4),
     "adversarial-only": ("fast_generator", "fast_adapter_adversarial_{adapter}{maps}", "few-step", 4),
     "fixed-lambda": ("fast_generator", "fast_adapter_fixed_lambda_{adapter}{maps}", "few-step", 4),
@@ -61,7 +64,8 @@ METHODS = {
 TEACHER_STEPS = 50
 # --<role>=PATH: a run's own checkpoint (runs/<name>/ckpt.pt or an exported file) replaces the folder's file
 # of that role, for every method that uses it; the lineage checks still hold (adapter_from_checkpoint).
-ROLES = ("slow_generator", "slow_adapter", "fast_generator", "fast_adapter", "dmd_joint")
+ROLES = ("slow_generator", "slow_adapter", "fast_generator", "fast_adapter", "dmd_joint", "lcm_joint")
+JOINT = ("dmd_joint", "lcm_joint")  # the roles that hold a whole Controlled model
 ROLE_FLAGS = {role: ("", f"a {role} checkpoint (a run's ckpt.pt, or an export) instead of the folder's")
               for role in ROLES}
 
@@ -126,7 +130,7 @@ def checkpoint_paths(name, config, adapter_kind, condition=DEFAULT_CONDITION, fo
     files {role: path} (ROLES) in place of the folder's."""
     generator, adapter, _, _ = METHODS[name]
     maps = "_mask" if condition == "mask" else ""
-    joint = "" if adapter_kind == "controlnet" else f"_{adapter_kind}"  # the ControlNet's dmd-joint: the shipped name
+    joint = "" if adapter_kind == "controlnet" else f"_{adapter_kind}"  # the ControlNet's joint pairs: shipped names
     names = [generator.format(maps=maps, joint=joint)] + \
         ([adapter.format(adapter=adapter_kind, maps=maps)] if adapter else [])
     role = lambda n: next(r for r in ROLES if n.startswith(r))
@@ -154,8 +158,8 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
         if not os.path.exists(path):
             raise UserError(f"method '{name}' needs {path}, which is missing; {how_to_make(path)}")
     generator_name, adapter_name, sampler, steps = METHODS[name]
-    joint = generator_name.startswith("dmd_joint")
-    generator_ckpt = load_checkpoint(paths[0], kind="dmd_joint" if joint else generator_name)
+    joint = next((role for role in JOINT if generator_name.startswith(role)), None)
+    generator_ckpt = load_checkpoint(paths[0], kind=joint or generator_name)
     with as_user_error():  # checkpoints that do not pair
         model = joint_from_checkpoint(generator_ckpt) if joint else model_from_checkpoint(generator_ckpt)
         if len(paths) == 2:

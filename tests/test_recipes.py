@@ -8,6 +8,7 @@ import os
 import pytest
 
 import common
+import consistency
 import distill
 import hybrid_finetune
 import train
@@ -29,6 +30,7 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
     (distill, "fast_generator_tiny.pt", []),
     (distill, "dmd_joint_mask_tiny.pt", ["--recipe=dmd_joint"]),
     (distill, "dmd_joint_tiny.pt", ["--recipe=dmd_joint"]),
+    (consistency, "lcm_joint_mask_tiny.pt", []),
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_mask_tiny.pt", []),
     *[(hybrid_finetune, f"fast_adapter_{loss}_controlnet_mask_tiny.pt", [f"--loss={loss}"])
       for loss in ("fixed_lambda", "diffusion", "adversarial")],
@@ -36,9 +38,9 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
       for loss in ("hybrid", "fixed_lambda", "diffusion", "adversarial")],
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_tiny.pt", []),
 ]
-NOT_RECIPE = {"out_dir", "export", "resume", "stop_at", "time_limit", "num_workers", "compile", "ckpt_interval",
-              "sample_interval", "generator_ckpt", "teacher_ckpt", "adapter_ckpt", "fast_generator_ckpt",
-              "slow_generator_ckpt", "init_from", "features", "autoencoder", "data_dir"}
+NOT_RECIPE = {"out_dir", "export", "resume", "stop_at", "time_limit", "num_workers", "threads", "compile",
+              "ckpt_interval", "sample_interval", "generator_ckpt", "teacher_ckpt", "adapter_ckpt",
+              "fast_generator_ckpt", "slow_generator_ckpt", "init_from", "features", "autoencoder", "data_dir"}
 # Options that have left the scripts, and the value the code now always takes (every shipped run used it).
 REMOVED = {"codec": "", "time_shift": TIME_SHIFT, "discriminator": "query",
            "diffusion_steps": "0,1,2,3", "disc_max_t": hybrid_finetune.DISC_MAX_T, "disc_steps": 1, "mismatch": False}
@@ -83,7 +85,7 @@ def test_small_config_switches_to_the_small_recipe_and_a_given_flag_wins():
     assert (tiny.batch_size, tiny.max_steps) == (128, 4800)
 
 
-@pytest.mark.parametrize("script", [train, train_adapter, distill, hybrid_finetune])
+@pytest.mark.parametrize("script", [train, train_adapter, distill, consistency, hybrid_finetune])
 def test_the_lab_recipe_is_a_named_flag_set_and_a_given_flag_wins(script):
     lab = common.parse_flags(script.FLAGS, ["--recipe=lab"], script.__doc__, script.RECIPES)
     assert {key: getattr(lab, key) for key in script.RECIPES["lab"]} == script.RECIPES["lab"]

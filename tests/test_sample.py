@@ -106,12 +106,13 @@ def test_default_outputs_name_the_run_and_what_is_not_the_default(micro_folder):
     assert out("--steps=4") == out() and out("--method=teacher", "--steps=20") == "samples/teacher_crossing_steps20.gif"
 
 
-def test_each_family_has_its_own_dmd_joint():
-    """dmd-joint distils one controlled model: the LoRA or ResNet family never borrows the ControlNet's."""
+@pytest.mark.parametrize("method, role", [("dmd-joint", "dmd_joint"), ("lcm", "lcm_joint")])
+def test_each_family_has_its_own_joint_pair(method, role):
+    """dmd-joint and lcm distil one controlled model: the LoRA or ResNet family never borrows the ControlNet's."""
     from sample import checkpoint_paths
-    paths = {(kind, maps): checkpoint_paths("dmd-joint", "tiny", kind, maps)[0]
+    paths = {(kind, maps): checkpoint_paths(method, "tiny", kind, maps)[0]
              for kind in ("controlnet", "lora", "resnet") for maps in ("mask", "box")}
-    assert paths[("controlnet", "mask")] == "checkpoints/dmd_joint_mask_tiny.pt"  # the shipped names
-    assert paths[("controlnet", "box")] == "checkpoints/dmd_joint_tiny.pt"
-    assert paths[("resnet", "mask")] == "checkpoints/dmd_joint_resnet_mask_tiny.pt"
+    assert paths[("controlnet", "mask")] == f"checkpoints/{role}_mask_tiny.pt"  # the shipped names
+    assert paths[("controlnet", "box")] == f"checkpoints/{role}_tiny.pt"
+    assert paths[("resnet", "mask")] == f"checkpoints/{role}_resnet_mask_tiny.pt"
     assert len(set(paths.values())) == 6
