@@ -113,3 +113,18 @@ def test_bad_lcm_flags_are_one_line(tmp_path):
     for flag, name in (("--target_decay=1", "--target_decay"), ("--teacher_steps=1", "--teacher_steps")):
         result = run_lcm(flag, f"--out_dir={tmp_path}")
         assert result.returncode == 1 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_process_ddp_lcm_keeps_ranks_in_sync(tmp_path):
+    # The student is DDP-wrapped; teacher and target are not: the checkpoint's rank check
+    # (common.Run.save) fails if the ranks' students drift apart.
+    micro_checkpoints(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "consistency.py", "--config=micro", "--batch_size=2", "--num_workers=0",
+                             "--teacher_steps=4", "--max_steps=2", "--sample_interval=0",
+                             f"--teacher_ckpt={tmp_path / 'slow_generator_micro.pt'}",
+                             f"--adapter_ckpt={tmp_path / 'slow_adapter_controlnet_mask_micro.pt'}",
+                             f"--out_dir={tmp_path / 'ddp'}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s)" in result.stdout
+    assert common.load_checkpoint(tmp_path / "ddp" / "ckpt.pt", kind="lcm_joint")["step"] == 2
