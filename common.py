@@ -180,8 +180,15 @@ def how_to_make(path):
     name = os.path.basename(str(path))
     for prefix, command in MADE_BY.items():
         if name.startswith(prefix):
+            pipeline = ", or bash pipeline.sh"
+            if prefix in ("dmd_joint", "lcm_joint"):  # a pair distilled from its family's slow adapter
+                rest = name[len(prefix):]  # "_lora_mask_tiny.pt", "_mask_tiny.pt" (the ControlNet's), "_tiny.pt"
+                family = next((kind for kind in ("lora", "resnet") if rest.startswith(f"_{kind}_")), "")
+                adapter = f"slow_adapter_{family or 'controlnet'}{rest[len(family) + 1:] if family else rest}"
+                command += f" --adapter_ckpt={os.path.join(os.path.dirname(str(path)), adapter)}"
+                pipeline = "" if family else pipeline  # pipeline.sh distils the ControlNet's pairs only
             maps = ", on box maps (pipeline.sh)" if "_mask_" not in name and "adapter" in name else ""
-            return f"make it with {command}{maps} (then export its ckpt.pt there), or bash pipeline.sh"
+            return f"make it with {command}{maps} (then export its ckpt.pt there){pipeline}"
     return "it is written by the script that trained it (README: each stage's command)"
 
 

@@ -100,6 +100,15 @@ def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     assert result.returncode == 1 and "python train_fvd.py" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_missing_joint_pair_names_its_familys_adapter():
+    make = lambda name: common.how_to_make(f"checkpoints/{name}")  # noqa: E731
+    assert "consistency.py --adapter_ckpt=checkpoints/slow_adapter_lora_mask_tiny.pt" in make(
+        "lcm_joint_lora_mask_tiny.pt")
+    assert "--recipe=dmd_joint --adapter_ckpt=checkpoints/slow_adapter_controlnet_tiny.pt" in make("dmd_joint_tiny.pt")
+    assert "--adapter_ckpt=checkpoints/slow_adapter_resnet_mask_tiny.pt" in make("dmd_joint_resnet_mask_tiny.pt")
+    assert "--adapter_ckpt" not in make("fast_generator_tiny.pt")
+
+
 def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):
     micro_checkpoints(tmp_path)
     common.export_checkpoint(tmp_path / "fast_generator_micro.pt", tmp_path / "slim.pt")
