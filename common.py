@@ -176,15 +176,19 @@ MADE_BY = {"slow_generator": "python train.py", "slow_adapter": "python train_ad
            "autoencoder": "python train_autoencoder.py"}
 
 
+# The kinds of checkpoint that hold a whole jointly distilled pair (adapter.joint_from_checkpoint).
+JOINT_KINDS = ("dmd_joint", "lcm_joint")
+
+
 def how_to_make(path):
     name = os.path.basename(str(path))
     for prefix, command in MADE_BY.items():
         if name.startswith(prefix):
             pipeline = ", or bash pipeline.sh"
-            if prefix in ("dmd_joint", "lcm_joint"):  # a pair distilled from its family's slow adapter
+            if prefix in JOINT_KINDS:  # a pair distilled from its family's slow adapter
                 rest = name[len(prefix):]  # "_lora_mask_tiny.pt", "_mask_tiny.pt" (the ControlNet's), "_tiny.pt"
-                family = next((kind for kind in ("lora", "resnet") if rest.startswith(f"_{kind}_")), "")
-                adapter = f"slow_adapter_{family or 'controlnet'}{rest[len(family) + 1:] if family else rest}"
+                family = rest.startswith(("_lora_", "_resnet_"))
+                adapter = "slow_adapter" + (rest if family else "_controlnet" + rest)
                 command += f" --adapter_ckpt={os.path.join(os.path.dirname(str(path)), adapter)}"
                 pipeline = "" if family else pipeline  # pipeline.sh distils the ControlNet's pairs only
             maps = ", on box maps (pipeline.sh)" if "_mask_" not in name and "adapter" in name else ""

@@ -37,8 +37,8 @@ import torch.nn as nn
 
 import metrics
 from adapter import ADAPTERS, CONDITIONS, DEFAULT_CONDITION, Controlled, adapter_from_checkpoint, joint_from_checkpoint
-from common import (UserError, as_user_error, how_to_make, load_checkpoint, parse_flags, pick_device, require_at_least,
-                    require_one_of, set_threads)
+from common import (JOINT_KINDS, UserError, as_user_error, how_to_make, load_checkpoint, parse_flags, pick_device,
+                    require_at_least, require_one_of, set_threads)
 from model import CONFIGS, fast_generate, generate, model_from_checkpoint
 from scenes import scene_batch
 from video import check_video_path, draw_boxes, maps_to_uint8, save_video, to_uint8, upscale, video_grid
@@ -64,8 +64,7 @@ METHODS = {
 TEACHER_STEPS = 50
 # --<role>=PATH: a run's own checkpoint (runs/<name>/ckpt.pt or an exported file) replaces the folder's file
 # of that role, for every method that uses it; the lineage checks still hold (adapter_from_checkpoint).
-ROLES = ("slow_generator", "slow_adapter", "fast_generator", "fast_adapter", "dmd_joint", "lcm_joint")
-JOINT = ("dmd_joint", "lcm_joint")  # the roles that hold a whole Controlled model
+ROLES = ("slow_generator", "slow_adapter", "fast_generator", "fast_adapter", *JOINT_KINDS)
 ROLE_FLAGS = {role: ("", f"a {role} checkpoint (a run's ckpt.pt, or an export) instead of the folder's")
               for role in ROLES}
 
@@ -158,7 +157,7 @@ def load_method(name, config="tiny", adapter_kind="controlnet", condition=DEFAUL
         if not os.path.exists(path):
             raise UserError(f"method '{name}' needs {path}, which is missing; {how_to_make(path)}")
     generator_name, adapter_name, sampler, steps = METHODS[name]
-    joint = next((role for role in JOINT if generator_name.startswith(role)), None)
+    joint = next((kind for kind in JOINT_KINDS if generator_name.startswith(kind)), None)
     generator_ckpt = load_checkpoint(paths[0], kind=joint or generator_name)
     with as_user_error():  # checkpoints that do not pair
         model = joint_from_checkpoint(generator_ckpt) if joint else model_from_checkpoint(generator_ckpt)
