@@ -51,13 +51,17 @@ stage fast_generator distill.py
 for maps in _mask ""; do  # mask maps, then box maps (the paper's final condition)
   stage dmd_joint$maps distill.py "${joint[@]}" \
     --adapter_ckpt=checkpoints/slow_adapter_controlnet${maps}_$config.pt
-  for kind in controlnet lora; do
+  kinds=(controlnet lora)
+  [ -z "$maps" ] || kinds+=(resnet)  # the ResNet adapter reads mask maps only
+  for kind in "${kinds[@]}"; do
     for loss in hybrid fixed_lambda diffusion adversarial; do
       stage fast_adapter_${loss}_$kind$maps hybrid_finetune.py --loss=$loss \
         --adapter_ckpt=checkpoints/slow_adapter_$kind${maps}_$config.pt
     done
   done
 done
+# the ResNet family's dmd-joint (the ablation table's "DMD on the controlled model")
+stage dmd_joint_resnet_mask distill.py "${joint[@]}" --adapter_ckpt=checkpoints/slow_adapter_resnet_mask_$config.pt
 # the paper's LCM baseline: the default family's slow pair, by consistency distillation
 stage lcm_joint_mask consistency.py
 python bench.py --config="$config" --json="runs/bench_$config.json" --gif="runs/bench_$config.gif"

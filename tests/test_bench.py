@@ -114,6 +114,12 @@ def test_exported_checkpoint_keeps_weights_and_lineage_only(tmp_path):
     common.export_checkpoint(tmp_path / "fast_generator_micro.pt", tmp_path / "slim.pt")
     slim = common.load_checkpoint(tmp_path / "slim.pt", kind="fast_generator")
     assert "optimizer" not in slim and slim["parent"] == "slow-run" and "ema" in slim
+    # weights ship in fp16 and load back into an fp32 model, rounded and nothing else
+    full = common.load_checkpoint(tmp_path / "fast_generator_micro.pt")["ema"]
+    assert {tensor.dtype for tensor in slim["ema"].values()} == {torch.float16}
+    model = model_from_checkpoint(slim)
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, full[name].half().float()), name
 
 
 def micro_scene(path, objects, **extra):

@@ -27,14 +27,18 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
     (train_adapter, "slow_adapter_lora_mask_tiny.pt", ["--adapter=lora"]),
     (train_adapter, "slow_adapter_controlnet_tiny.pt", BOX),
     (train_adapter, "slow_adapter_lora_tiny.pt", ["--adapter=lora", *BOX]),
+    (train_adapter, "slow_adapter_resnet_mask_tiny.pt", ["--recipe=resnet"]),
     (distill, "fast_generator_tiny.pt", []),
     (distill, "dmd_joint_mask_tiny.pt", ["--recipe=dmd_joint"]),
     (distill, "dmd_joint_tiny.pt", ["--recipe=dmd_joint"]),
+    (distill, "dmd_joint_resnet_mask_tiny.pt", ["--recipe=dmd_joint"]),
     (consistency, "lcm_joint_mask_tiny.pt", []),
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_mask_tiny.pt", []),
     *[(hybrid_finetune, f"fast_adapter_{loss}_controlnet_mask_tiny.pt", [f"--loss={loss}"])
       for loss in ("fixed_lambda", "diffusion", "adversarial")],
     *[(hybrid_finetune, f"fast_adapter_{loss}_lora_tiny.pt", [f"--loss={loss}"])
+      for loss in ("hybrid", "fixed_lambda", "diffusion", "adversarial")],
+    *[(hybrid_finetune, f"fast_adapter_{loss}_resnet_mask_tiny.pt", [f"--loss={loss}"])
       for loss in ("hybrid", "fixed_lambda", "diffusion", "adversarial")],
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_tiny.pt", []),
 ]
