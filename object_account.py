@@ -55,7 +55,8 @@ SPURIOUS = 4  # pixels
 
 FLAGS = dict(adapter=("controlnet", "controlnet | lora | resnet"), condition=("mask", "mask | box"),
              methods=("naive,adversarial-only,flashmotion", "comma-separated methods (sample.METHODS)"),
-             scenes_per_count=(8, "held-out scenes per object count"), threads=(0, "CPU threads"))
+             scenes_per_count=(8, "held-out scenes per object count"), threads=(0, "CPU threads"),
+             run=("", "a stage-3 run's ckpt.pt: its fast adapter on the fast generator, one more method, 'run'"))
 
 
 def largest_piece_share(mask):
@@ -170,25 +171,28 @@ def main(argv):
     out["channels rolled"] = account_all(rolled, scenes)[0]
     print("channels rolled", out["channels rolled"], flush=True)
     clips = {}
-    for name in opt.methods.split(","):
-        method = load_method(name, "tiny", opt.adapter, opt.condition)
+    names = opt.methods.split(",") + (["run"] if opt.run else [])
+    for name in names:
+        method = load_method("flashmotion", "tiny", opt.adapter, opt.condition, files={"fast_adapter": opt.run}) \
+            if name == "run" else load_method(name, "tiny", opt.adapter, opt.condition)
         latents = capture_latents(method.model)
         clips[name], _ = generate_clips(method, scenes, guidance=3.0, seed=0)
         out[name], out[f"{name} per clip"] = account_all(clips[name], scenes)
         out[name]["latent round trip"] = round_trip_error(method.model, torch.cat(latents))
         print(name, out[name], flush=True)
     out["real"]["latent round trip"] = round_trip_error(method.model, method.model.encode(scenes["video"]))
-    with open(f"runs/object_account_{opt.adapter}_{opt.condition}.json", "w") as f:
+    tag = f"{opt.adapter}_{opt.condition}" + ("_run" if opt.run else "")
+    with open(f"runs/object_account_{tag}.json", "w") as f:
         json.dump(out, f, indent=1)
     # the strip: the clip where the first two methods' on-path counts differ most, frames 0-14 every 2nd
     first, second = opt.methods.split(",")[:2]
     gap = [a["on path"] - b["on path"] for a, b in zip(out[f"{first} per clip"], out[f"{second} per clip"])]
     i = int(np.argmax(gap))
-    rows = [scenes["video"][i]] + [clips[name][i] for name in opt.methods.split(",")]
+    rows = [scenes["video"][i]] + [clips[name][i] for name in names]
     strip = torch.cat([torch.cat(list(row[::2]), -1) for row in rows], -2)  # (3, rows * H, T/2 * W)
     image = ((rearrange(strip, "c h w -> h w c").clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    iio.imwrite(f"runs/object_account_{opt.adapter}_{opt.condition}.png", np.kron(image, np.ones((4, 4, 1), dtype=np.uint8)))
-    print(f"strip: scene {i} (rows: truth, {opt.methods})")
+    iio.imwrite(f"runs/object_account_{tag}.png", np.kron(image, np.ones((4, 4, 1), dtype=np.uint8)))
+    print(f"strip: scene {i} (rows: truth, {', '.join(names)})")
 
 
 if __name__ == "__main__":
