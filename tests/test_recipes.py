@@ -36,10 +36,8 @@ SHIPPED = [  # (script, checkpoint, the flags pipeline.sh adds; none for the def
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_mask_tiny.pt", []),
     *[(hybrid_finetune, f"fast_adapter_{loss}_controlnet_mask_tiny.pt", [f"--loss={loss}"])
       for loss in ("fixed_lambda", "diffusion", "adversarial")],
-    *[(hybrid_finetune, f"fast_adapter_{loss}_lora_tiny.pt", [f"--loss={loss}"])
-      for loss in ("hybrid", "fixed_lambda", "diffusion", "adversarial")],
-    *[(hybrid_finetune, f"fast_adapter_{loss}_resnet_mask_tiny.pt", [f"--loss={loss}"])
-      for loss in ("hybrid", "fixed_lambda", "diffusion", "adversarial")],
+    *[(hybrid_finetune, f"fast_adapter_{loss}_{family}_tiny.pt", [f"--loss={loss}"])
+      for family in ("lora", "resnet_mask") for loss in hybrid_finetune.LOSSES],  # every loss of these families
     (hybrid_finetune, "fast_adapter_hybrid_controlnet_tiny.pt", []),
 ]
 NOT_RECIPE = {"out_dir", "export", "resume", "stop_at", "time_limit", "num_workers", "threads", "compile",
