@@ -185,7 +185,7 @@ def main(argv):
     with open(f"runs/object_account_{tag}.json", "w") as f:
         json.dump(out, f, indent=1)
     # the strip: the clip where the first two methods' on-path counts differ most, frames 0-14 every 2nd
-    first, second = opt.methods.split(",")[:2]
+    first, second = names[:2]
     gap = [a["on path"] - b["on path"] for a, b in zip(out[f"{first} per clip"], out[f"{second} per clip"])]
     i = int(np.argmax(gap))
     rows = [scenes["video"][i]] + [clips[name][i] for name in names]
