@@ -39,7 +39,6 @@ from model import (CONFIGS, FAST_TIMES, add_noise, config_dict, fast_generate, f
                    few_step_step, model_from_checkpoint, pick_step, sample_training_time)
 from video import comparison_video, save_video
 
-R1_SIGMA = 0.01  # research, change A: APT's perturbation of real latents for the approximated R1
 DISC_MAX_T = 0.6  # --disc_noise=low: t ~ U(0.02, 0.6); above ~0.7 clips are hardly told apart (docs)
 
 FLAGS = dict(
@@ -55,11 +54,6 @@ FLAGS = dict(
     disc_blocks=("1,3,5", "backbone blocks whose features the discriminator reads"),
     adv_steps=("0,1,2,3", "which of the 4 sampler steps the adversarial loss judges (k drawn among them)"),
     disc_noise=("low", "the discriminator's t: low, U(0.02, 0.6); dmd, DMD's shifted t in [0.02, 0.98] (DMD2)"),
-    r1=(0.0, "research (#34 item 5, change A): weight of the approximated R1 penalty (APT): the classifier's "
-             "logits on real clips must not move under a perturbation of R1_SIGMA; 0: none"),
-    disc_draws=(1, "research (change B): re-noise draws per generated clip, the adversarial loss averaged over them"),
-    classifier=("query", "research (change C): query, the paper's pooled query token | token, a logit per token "
-                         "with its own map (projection), the loss per token"),
     max_free=(0, "0 to this many free objects (no map) per training scene, as train_adapter.py"),
     out_dir=("", "default runs/fast_adapter_<loss>_<config>"),
     batch_size=(8, "clips per rank and step"),
@@ -127,44 +121,19 @@ class QueryClassifier(nn.Module):
         return logit
 
 
-class TokenClassifier(nn.Module):
-    """Research, change C: a logit per video token, judged against its own
-    trajectory-map patch (a projection discriminator, Miyato & Koyama 2018):
-    logit = MLP(h) + <W h, embed(map)> / sqrt(dim). Returns (B, N) logits; the
-    GAN losses average over tokens, so each place gets its own verdict."""
-
-    def __init__(self, dim, map_dim, n_blocks):
-        super().__init__()
-        self.trajectory_embed = nn.Linear(map_dim, dim)
-        self.feature_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-                                   for _ in range(n_blocks))
-        self.projections = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n_blocks))
-
-    def forward(self, features, maps):
-        trajectory = self.trajectory_embed(maps)  # (B, N, dim)
-        logit = 0
-        for head, projection, block_features in zip(self.heads, self.projections, features):
-            h = self.feature_norm(block_features)
-            logit = logit + head(h).squeeze(-1) + (projection(h) * trajectory).sum(-1) / h.shape[-1] ** 0.5
-        return logit  # (B, N)
-
-
 class DiffusionDiscriminator(nn.Module):
     """The frozen slow generator as the backbone, a QueryClassifier on its chosen blocks."""
 
-    def __init__(self, slow_generator, blocks, classifier="query"):
+    def __init__(self, slow_generator, blocks):
         super().__init__()
         self.blocks = list(blocks)
         self.backbone = slow_generator.requires_grad_(False).eval()
         cfg = slow_generator.cfg
-        self.classifier = (QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, trajectory_token_dim(cfg),
-                                           len(self.blocks)) if classifier == "query" else
-                           TokenClassifier(cfg.dim, trajectory_token_dim(cfg), len(self.blocks)))
+        self.classifier = QueryClassifier(cfg.dim, cfg.heads, slow_generator.grid, trajectory_token_dim(cfg),
+                                          len(self.blocks))
 
     def forward(self, clip, t, noise, conditions):
-        """clip (B, T, C, H, W) re-noised to t (B,), scored: logits (B,) (or (B, N) per token).
-        The maps reach only the classifier."""
+        """clip (B, T, C, H, W) re-noised to t (B,), scored: logits (B,). The maps reach only the classifier."""
         x_t = add_noise(clip, noise, t)
         _, features = self.backbone(x_t, t, conditions["first_frame"], return_features=True)
         maps = self.backbone.patchify_pixels(trajectory_channels(conditions["trajectory"], None))  # (B, N, map_dim)
@@ -217,7 +186,7 @@ def diffusion_loss(model, video, times, k, cond, rng):
     return F.mse_loss(predicted.float(), video)
 
 
-def adversarial_loss(model, discriminator, video, times, k, cond, rng, disc_noise, draws=1):
+def adversarial_loss(model, discriminator, video, times, k, cond, rng, disc_noise):
     """The adapted fast generator's own clip at step k (backward simulation:
     its first k steps run without grad), judged by the discriminator.
     Returns (the non-saturating loss, the clip detached)."""
@@ -227,11 +196,9 @@ def adversarial_loss(model, discriminator, video, times, k, cond, rng, disc_nois
         x_k = few_step_sample(model, noise, times, cond, rng, stop_after=k)
     with autocast(device):
         generated = few_step_step(model, x_k, times[k], cond)
-        judged = generated.repeat(draws, *[1] * (generated.dim() - 1))  # (draws * B, T, C, H, W)
-        t = disc_time(len(judged), rng, device, disc_noise)
-        renoise = torch.randn(judged.shape, generator=rng, device=device)
-        repeated = {key: value.repeat(draws, *[1] * (value.dim() - 1)) for key, value in cond.items()}
-        loss = F.softplus(-discriminator(judged, t, renoise, repeated).float()).mean()  # non-saturating
+        t = disc_time(len(video), rng, device, disc_noise)
+        renoise = torch.randn(video.shape, generator=rng, device=device)
+        loss = F.softplus(-discriminator(generated, t, renoise, cond).float()).mean()  # non-saturating
     return loss, generated.detach().float()
 
 
@@ -248,8 +215,7 @@ def adapter_update(train_model, adapter, discriminator, video, times, k, k_adv, 
         diffusion = diffusion_loss(train_model, video, times, k, cond, rng)
         record["diffusion"] = round(diffusion.item(), 5)
     if adversarial_weight:
-        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k_adv, cond, rng, opt.disc_noise,
-                                             opt.disc_draws)
+        adversarial, fake = adversarial_loss(train_model, discriminator, video, times, k_adv, cond, rng, opt.disc_noise)
         record["adversarial"] = round(adversarial.item(), 5)
     scale = balance_weight(diffusion, adversarial, adapter) if lam and adversarial_weight and opt.balance else 1.0
     record["adversarial_scale"] = round(scale, 5)
@@ -283,24 +249,16 @@ def gradient_norm(loss, parameters):
     return torch.sqrt(sum((g.float() ** 2).sum() for g in gradients))
 
 
-def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_noise, r1=0.0):
+def discriminator_update(discriminator, optimizer, real, fake, cond, rng, disc_noise):
     """One step of the classifier: real clips against generated ones, re-noised
-    alike, in one forward (DDP wants one per backward). Returns (loss, accuracy).
-    r1 (research, change A): APT's approximated R1, r1 * (D(x) - D(x + R1_SIGMA e))^2
-    on real clips, a third share of the same forward."""
+    alike, in one forward (DDP wants one per backward). Returns (loss, accuracy)."""
     t = disc_time(len(real), rng, real.device, disc_noise)
     noise = torch.randn(real.shape, generator=rng, device=real.device)
-    clips, n = [real, fake], 2
-    if r1:
-        clips.append(real + R1_SIGMA * torch.randn(real.shape, generator=rng, device=real.device))
-        n = 3
     with autocast(real.device):
-        logits = discriminator(torch.cat(clips), torch.cat([t] * n), torch.cat([noise] * n),
-                               {key: torch.cat([value] * n) for key, value in cond.items()})
-    logits_real, logits_fake, *perturbed = logits.float().chunk(n)
+        logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([noise, noise]),
+                               {key: torch.cat([value, value]) for key, value in cond.items()})
+    logits_real, logits_fake = logits.float().chunk(2)
     loss = discriminator_loss(logits_real, logits_fake)
-    if r1:
-        loss = loss + r1 * (logits_real - perturbed[0]).pow(2).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -316,9 +274,6 @@ def check_flags(opt):
     require_one_of(opt, "config", CONFIGS)
     require_one_of(opt, "loss", LOSSES)
     require_one_of(opt, "disc_noise", ("low", "dmd"))
-    require_one_of(opt, "classifier", ("query", "token"))
-    require_at_least(opt, ("disc_draws",))
-    require_at_least(opt, ("r1",), 0)
     require_at_least(opt, ("batch_size", "max_steps", "ckpt_interval", "eval_scenes"))
     opt.fast_generator_ckpt = opt.fast_generator_ckpt or f"checkpoints/fast_generator_{opt.config}.pt"
     opt.slow_generator_ckpt = opt.slow_generator_ckpt or f"checkpoints/slow_generator_{opt.config}.pt"
@@ -347,7 +302,7 @@ def networks(opt, run, blocks):
         adapter = naive().to(run.device).requires_grad_(True)
     ema_adapter = copy.deepcopy(adapter).requires_grad_(False)
     naive_pairing = Controlled(fast_generator, naive().to(run.device).requires_grad_(False))
-    discriminator = DiffusionDiscriminator(slow_generator, blocks, opt.classifier).to(run.device)
+    discriminator = DiffusionDiscriminator(slow_generator, blocks).to(run.device)
     return fast_ckpt, adapter_ckpt, fast_generator, adapter, ema_adapter, naive_pairing, discriminator
 
 
@@ -404,7 +359,7 @@ def main(argv):
         if fake is not None:  # the classifier learns from the same generated clips
             set_lr(optimizer_discriminator, lr_at(step, opt.lr_disc, opt.warmup, opt.max_steps))
             disc_loss, accuracy = discriminator_update(train_disc, optimizer_discriminator, video, fake, cond, rng,
-                                                       opt.disc_noise, opt.r1)
+                                                       opt.disc_noise)
             record.update(disc=round(disc_loss, 5), d_accuracy=round(accuracy, 3))
         if run.master and run.due(opt.sample_interval, at=eval_steps):
             naive = naive or held_out(naive_pairing, scenes, shift, device)
