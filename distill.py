@@ -75,7 +75,7 @@ FLAGS = dict(
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(stop_at=0),  # --config=small
-           # --recipe=lab: docs/course.md, lab 4: 300 iterations, the held-out FID every 100 (under 7 minutes, one thread)
+           # --recipe=lab: docs/course.md, lab 4: 300 iterations, the held-out FID every 100 (< 7 minutes, one thread)
            "lab": dict(threads=1, max_steps=300, stop_at=0, sample_interval=100, num_workers=0,
                        out_dir="runs/lab_fast_generator"),
            # --recipe=dmd_joint: the paper's DMD baseline, the controlled model distilled whole

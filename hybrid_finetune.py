@@ -77,8 +77,8 @@ FLAGS = dict(
     recipe=("", "a named flag set of RECIPES below: lab, the course's 10-minute run (docs/course.md)"),
 )
 RECIPES = {"small": dict(max_steps=1000),  # --config=small; --recipe=lab: docs/course.md, lab 5
-           "lab": dict(threads=1, max_steps=100, sample_interval=100, eval_steps="10,20,40,70", eval_scenes=8, num_workers=0,
-                       out_dir="runs/lab_fast_adapter")}
+           "lab": dict(threads=1, max_steps=100, sample_interval=100, eval_steps="10,20,40,70", eval_scenes=8,
+                       num_workers=0, out_dir="runs/lab_fast_adapter")}
 
 
 # ------------------------------------------- the diffusion discriminator ---
